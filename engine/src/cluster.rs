@@ -1,0 +1,566 @@
+//! The node: registry of isolates, core allocator, spawn, lookup, shutdown, join.
+
+use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::endpoint::{
+    install_local, local_endpoint, lock, uninstall_local, Control, EndpointShared, LocalEndpoint,
+};
+use crate::error::{JoinError, LookupError, MailboxError, SpawnError};
+use crate::frame::CELL_BYTES;
+use crate::inbox::{Context, ExitSignal, Inbox, Mailbox};
+use crate::isolate::{DownReason, EndpointKind, IsolateRef, Placement};
+use crate::path::{validate_path, Properties};
+
+/// How a thread waits when it has nothing to read (and a sender when a ring is full).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WaitStrategy {
+    /// Spin forever: the lowest latency, a whole core per isolate. Only sensible when
+    /// every isolate has a dedicated core.
+    BusySpin,
+    /// Spin, yielding the core to other threads on every round.
+    Yield,
+    /// Spin for `spin`, then park until a sender wakes the thread (the default). Parked
+    /// isolates use no CPU; a wake-up costs a futex round trip (tens of µs on VMs).
+    SpinThenPark {
+        /// How long to spin before parking.
+        spin: Duration,
+    },
+}
+
+impl Default for WaitStrategy {
+    fn default() -> Self {
+        Self::SpinThenPark {
+            spin: Duration::from_micros(50),
+        }
+    }
+}
+
+impl WaitStrategy {
+    pub(crate) fn spin_time(&self) -> Duration {
+        match self {
+            Self::SpinThenPark { spin } => *spin,
+            _ => Duration::from_micros(50),
+        }
+    }
+}
+
+/// Where isolates' threads are placed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CorePolicy {
+    /// A dedicated core per isolate while free cores last; later isolates are unpinned
+    /// (the default).
+    #[default]
+    Dedicated,
+    /// A dedicated core per isolate while free cores last; later isolates are pinned to
+    /// the least loaded core.
+    Shared,
+    /// No pinning.
+    Unpinned,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct Config {
+    pub node_name: String,
+    pub ring_cells: usize,
+    pub wait: WaitStrategy,
+    pub core_policy: CorePolicy,
+    pub cores: Option<Vec<usize>>,
+    pub drop_timeout: Duration,
+}
+
+/// Configures a [`Cluster`].
+///
+/// ```
+/// use isolate_cluster::{Cluster, CorePolicy, WaitStrategy};
+/// let cluster = Cluster::builder()
+///     .node_name("edge-1")
+///     .ring_capacity(64 * 1024)
+///     .wait_strategy(WaitStrategy::default())
+///     .core_policy(CorePolicy::Unpinned)
+///     .build();
+/// assert_eq!(cluster.node_name(), "edge-1");
+/// ```
+#[derive(Clone, Debug)]
+pub struct Builder {
+    config: Config,
+}
+
+impl Builder {
+    /// Names the node (default `"node"`).
+    pub fn node_name(mut self, name: impl Into<String>) -> Self {
+        self.config.node_name = name.into();
+        self
+    }
+
+    /// Capacity of each ring in bytes, rounded up to 16 and to at least 64 (default
+    /// 64 KiB). A frame takes a 32-byte header plus its payload rounded up to 16; a copy
+    /// message larger than the ring fails with `SendError::TooLarge`.
+    pub fn ring_capacity(mut self, bytes: usize) -> Self {
+        self.config.ring_cells = bytes.div_ceil(CELL_BYTES).max(4);
+        self
+    }
+
+    /// How idle threads wait (default [`WaitStrategy::SpinThenPark`] for 50 µs).
+    pub fn wait_strategy(mut self, wait: WaitStrategy) -> Self {
+        self.config.wait = wait;
+        self
+    }
+
+    /// How isolates are placed on cores (default [`CorePolicy::Dedicated`]).
+    pub fn core_policy(mut self, policy: CorePolicy) -> Self {
+        self.config.core_policy = policy;
+        self
+    }
+
+    /// Restricts pinning to these core ids (default: every core the building thread may
+    /// run on, read once when the cluster is built).
+    pub fn cores(mut self, cores: Vec<usize>) -> Self {
+        self.config.cores = Some(cores);
+        self
+    }
+
+    /// How long dropping the [`Cluster`] waits for isolates to stop (default 2 s).
+    pub fn drop_timeout(mut self, timeout: Duration) -> Self {
+        self.config.drop_timeout = timeout;
+        self
+    }
+
+    /// Builds the cluster. Nothing runs until the first spawn.
+    pub fn build(self) -> Cluster {
+        static NEXT_CLUSTER: AtomicU64 = AtomicU64::new(1);
+        let all = core_affinity::get_core_ids().unwrap_or_default();
+        let cores = match &self.config.cores {
+            Some(ids) => all.into_iter().filter(|c| ids.contains(&c.id)).collect(),
+            None => all,
+        };
+        let load = vec![0; cores.len()];
+        Cluster {
+            inner: Arc::new(ClusterInner {
+                id: NEXT_CLUSTER.fetch_add(1, Ordering::Relaxed),
+                config: self.config,
+                registry: Mutex::new(Registry::default()),
+                all_down: Condvar::new(),
+                next_id: AtomicU32::new(1),
+                cores: Mutex::new(CoreAllocator { cores, load }),
+                undelivered: AtomicU64::new(0),
+            }),
+        }
+    }
+}
+
+struct CoreAllocator {
+    cores: Vec<core_affinity::CoreId>,
+    load: Vec<u32>,
+}
+
+impl CoreAllocator {
+    fn place(&mut self, policy: CorePolicy) -> (Placement, Option<core_affinity::CoreId>) {
+        if policy == CorePolicy::Unpinned || self.cores.is_empty() {
+            return (Placement::Unpinned, None);
+        }
+        if let Some(i) = self.load.iter().position(|&l| l == 0) {
+            self.load[i] += 1;
+            return (Placement::Dedicated(self.cores[i].id), Some(self.cores[i]));
+        }
+        if policy == CorePolicy::Shared {
+            let i = (0..self.load.len())
+                .min_by_key(|&i| self.load[i])
+                .unwrap_or(0);
+            self.load[i] += 1;
+            return (Placement::Shared(self.cores[i].id), Some(self.cores[i]));
+        }
+        (Placement::Unpinned, None)
+    }
+
+    fn release(&mut self, p: Placement) {
+        if let Placement::Dedicated(c) | Placement::Shared(c) = p {
+            if let Some(i) = self.cores.iter().position(|x| x.id == c) {
+                self.load[i] = self.load[i].saturating_sub(1);
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct Registry {
+    by_path: HashMap<String, IsolateRef>,
+    by_id: HashMap<u32, IsolateRef>,
+    watchers: Vec<IsolateRef>,
+    shutting_down: bool,
+    live_isolates: usize,
+}
+
+/// Counters of one endpoint, as [`Cluster::stats`] reports them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointStats {
+    /// Path of the isolate (`@thread-N` for other threads).
+    pub path: String,
+    /// Endpoint id.
+    pub id: u32,
+    /// Messages sent.
+    pub sent: u64,
+    /// Messages and events received.
+    pub received: u64,
+    /// Sends that found the ring full.
+    pub full: u64,
+    /// Sends that were spilled to the heap (a blocked sender holding a message).
+    pub spilled: u64,
+    /// Messages sent to this endpoint that it never read (it stopped first).
+    pub undelivered: u64,
+}
+
+/// A snapshot of the cluster's counters.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Stats {
+    /// Per live endpoint.
+    pub endpoints: Vec<EndpointStats>,
+    /// Messages never read, over the whole life of the cluster (stopped endpoints too).
+    pub undelivered: u64,
+}
+
+pub(crate) struct ClusterInner {
+    pub id: u64,
+    pub config: Config,
+    registry: Mutex<Registry>,
+    all_down: Condvar,
+    next_id: AtomicU32,
+    cores: Mutex<CoreAllocator>,
+    undelivered: AtomicU64,
+}
+
+impl ClusterInner {
+    fn next_id(&self) -> u32 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub(crate) fn spawn<F>(
+        self: &Arc<Self>,
+        path: &str,
+        props: Properties,
+        entry: F,
+    ) -> Result<IsolateRef, SpawnError>
+    where
+        F: FnOnce(&Context) + Send + 'static,
+    {
+        validate_path(path)?;
+        let mut reg = lock(&self.registry);
+        if reg.shutting_down {
+            return Err(SpawnError::ShuttingDown);
+        }
+        if reg.by_path.contains_key(path) {
+            return Err(SpawnError::Duplicate(path.to_owned()));
+        }
+        let (placement, core) = lock(&self.cores).place(self.config.core_policy);
+        let shared = Arc::new(EndpointShared::new(self.next_id()));
+        let me = IsolateRef::new(
+            path.to_owned(),
+            props,
+            EndpointKind::Isolate,
+            placement,
+            shared,
+            self,
+        );
+        let inner = Arc::clone(self);
+        let me2 = me.clone();
+        let spawned = std::thread::Builder::new()
+            .name(path.to_owned())
+            .spawn(move || run_isolate(inner, me2, core, entry));
+        if let Err(e) = spawned {
+            lock(&self.cores).release(placement);
+            return Err(SpawnError::Thread(e));
+        }
+        reg.by_path.insert(path.to_owned(), me.clone());
+        reg.by_id.insert(me.id(), me.clone());
+        reg.live_isolates += 1;
+        for w in &reg.watchers {
+            let _ = w.endpoint().enqueue(Control::Up(me.clone()));
+        }
+        Ok(me)
+    }
+
+    /// A new endpoint for the calling thread (not an isolate).
+    pub(crate) fn thread_endpoint(self: &Arc<Self>) -> Rc<LocalEndpoint> {
+        let id = self.next_id();
+        let shared = Arc::new(EndpointShared::new(id));
+        let name = std::thread::current()
+            .name()
+            .map(|n| format!("@{n}-{id}"))
+            .unwrap_or_else(|| format!("@thread-{id}"));
+        let me = IsolateRef::new(
+            name,
+            Properties::new(),
+            EndpointKind::Thread,
+            Placement::Unpinned,
+            shared,
+            self,
+        );
+        let mut reg = lock(&self.registry);
+        reg.by_id.insert(id, me.clone());
+        if reg.shutting_down {
+            let _ = me.endpoint().enqueue(Control::Shutdown);
+        }
+        drop(reg);
+        Rc::new(LocalEndpoint::new(Arc::clone(self), me, self.config.wait))
+    }
+
+    pub(crate) fn lookup(&self, path: &str) -> Result<IsolateRef, LookupError> {
+        validate_path(path)?;
+        lock(&self.registry)
+            .by_path
+            .get(path)
+            .cloned()
+            .ok_or_else(|| LookupError::NotFound(path.to_owned()))
+    }
+
+    pub(crate) fn ref_by_id(&self, id: u32) -> Option<IsolateRef> {
+        lock(&self.registry).by_id.get(&id).cloned()
+    }
+
+    pub(crate) fn endpoint_by_id(&self, id: u32) -> Option<Arc<EndpointShared>> {
+        self.ref_by_id(id).map(|r| r.endpoint().clone())
+    }
+
+    pub(crate) fn forget_endpoint(&self, id: u32) {
+        let mut reg = lock(&self.registry);
+        if let Some(r) = reg.by_id.get(&id) {
+            if !r.is_isolate() {
+                reg.by_id.remove(&id);
+            }
+        }
+        reg.watchers.retain(|w| w.id() != id);
+    }
+
+    pub(crate) fn count_undelivered(&self, n: u64) {
+        if n > 0 {
+            self.undelivered.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    /// Registers `me` as a watcher and replays every live isolate to it.
+    pub(crate) fn watch(&self, me: &IsolateRef) {
+        let mut reg = lock(&self.registry);
+        if !reg.watchers.iter().any(|w| w == me) {
+            reg.watchers.push(me.clone());
+        }
+        for r in reg.by_path.values() {
+            let _ = me.endpoint().enqueue(Control::Up(r.clone()));
+        }
+    }
+
+    pub(crate) fn request_shutdown(&self) {
+        let mut reg = lock(&self.registry);
+        reg.shutting_down = true;
+        for r in reg.by_id.values() {
+            let _ = r.endpoint().enqueue(Control::Shutdown);
+        }
+    }
+
+    fn isolate_down(&self, me: &IsolateRef, reason: &DownReason) {
+        let mut reg = lock(&self.registry);
+        if reg.by_path.get(me.path()).is_some_and(|r| r == me) {
+            reg.by_path.remove(me.path());
+        }
+        reg.by_id.remove(&me.id());
+        reg.watchers.retain(|w| w != me);
+        for w in &reg.watchers {
+            let _ = w
+                .endpoint()
+                .enqueue(Control::Down(me.clone(), reason.clone()));
+        }
+        reg.live_isolates -= 1;
+        lock(&self.cores).release(me.placement());
+        self.all_down.notify_all();
+    }
+
+    pub(crate) fn join(&self, timeout: Duration) -> Result<(), JoinError> {
+        let deadline = Instant::now() + timeout;
+        let mut reg = lock(&self.registry);
+        while reg.live_isolates > 0 {
+            let now = Instant::now();
+            if now >= deadline {
+                let mut running: Vec<String> = reg.by_path.keys().cloned().collect();
+                running.sort();
+                return Err(JoinError::Timeout { running });
+            }
+            reg = self
+                .all_down
+                .wait_timeout(reg, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn stats(&self) -> Stats {
+        let reg = lock(&self.registry);
+        let mut endpoints: Vec<EndpointStats> = reg
+            .by_id
+            .values()
+            .map(|r| {
+                let c = &r.endpoint().counters;
+                EndpointStats {
+                    path: r.path().to_owned(),
+                    id: r.id(),
+                    sent: c.sent.load(Ordering::Relaxed),
+                    received: c.received.load(Ordering::Relaxed),
+                    full: c.full.load(Ordering::Relaxed),
+                    spilled: c.spilled.load(Ordering::Relaxed),
+                    undelivered: c.undelivered.load(Ordering::Relaxed),
+                }
+            })
+            .collect();
+        endpoints.sort_by_key(|e| e.id);
+        Stats {
+            endpoints,
+            undelivered: self.undelivered.load(Ordering::Relaxed),
+        }
+    }
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panic with a non-string payload".to_owned()
+    }
+}
+
+fn run_isolate<F>(
+    inner: Arc<ClusterInner>,
+    me: IsolateRef,
+    core: Option<core_affinity::CoreId>,
+    entry: F,
+) where
+    F: FnOnce(&Context),
+{
+    if let Some(c) = core {
+        if !core_affinity::set_for_current(c) {
+            lock(&inner.cores).release(me.placement());
+            me.set_placement(Placement::Unpinned);
+        }
+    }
+    let ep = Rc::new(LocalEndpoint::new(
+        Arc::clone(&inner),
+        me.clone(),
+        inner.config.wait,
+    ));
+    install_local(Rc::clone(&ep));
+    let ctx = Context::new(Inbox::new(Rc::clone(&ep)));
+    let outcome = catch_unwind(AssertUnwindSafe(|| entry(&ctx)));
+    drop(ctx);
+    let (reason, value) = match outcome {
+        Ok(()) => (DownReason::Normal, None),
+        Err(payload) => match payload.downcast::<ExitSignal>() {
+            Ok(exit) => (DownReason::Exited, Some(exit.0)),
+            Err(payload) => (DownReason::Panicked(panic_message(&*payload)), None),
+        },
+    };
+    uninstall_local(inner.id);
+    ep.teardown();
+    drop(ep);
+    inner.isolate_down(&me, &reason);
+    me.set_down(reason, value);
+}
+
+/// A node of isolates: the handle that spawns, looks up and shuts down.
+///
+/// Dropping it asks every isolate to shut down and waits for them up to the builder's
+/// `drop_timeout` (2 s by default), so a `main` that returns never hangs.
+pub struct Cluster {
+    inner: Arc<ClusterInner>,
+}
+
+impl Cluster {
+    /// A single-node cluster with the default configuration.
+    pub fn single_node() -> Self {
+        Self::builder().build()
+    }
+
+    /// A builder for a configured cluster.
+    pub fn builder() -> Builder {
+        Builder {
+            config: Config {
+                node_name: "node".to_owned(),
+                ring_cells: 64 * 1024 / CELL_BYTES,
+                wait: WaitStrategy::default(),
+                core_policy: CorePolicy::default(),
+                cores: None,
+                drop_timeout: Duration::from_secs(2),
+            },
+        }
+    }
+
+    /// The node's name.
+    pub fn node_name(&self) -> &str {
+        &self.inner.config.node_name
+    }
+
+    /// Ring capacity in bytes.
+    pub fn ring_capacity(&self) -> usize {
+        self.inner.config.ring_cells * CELL_BYTES
+    }
+
+    /// Spawns an isolate at `path` with `properties`: a new OS thread, pinned per the
+    /// core policy, running `entry` with the isolate's [`Context`]. The isolate can be
+    /// messaged at once (messages wait in its rings until it reads them).
+    pub fn spawn<F>(
+        &self,
+        path: &str,
+        properties: Properties,
+        entry: F,
+    ) -> Result<IsolateRef, SpawnError>
+    where
+        F: FnOnce(&Context) + Send + 'static,
+    {
+        ClusterInner::spawn(&self.inner, path, properties, entry)
+    }
+
+    /// Looks up a live isolate by path.
+    pub fn lookup(&self, path: &str) -> Result<IsolateRef, LookupError> {
+        self.inner.lookup(path)
+    }
+
+    /// The calling thread's mailbox: where replies to its sends arrive, and its cluster
+    /// events. One open mailbox per thread.
+    pub fn mailbox(&self) -> Result<Mailbox, MailboxError> {
+        let ep = local_endpoint(self.inner.id, || Some(self.inner.thread_endpoint()))
+            .ok_or(MailboxError::ClusterGone)?;
+        if ep.inbox_open.get() {
+            return Err(MailboxError::InUse);
+        }
+        Ok(Mailbox::new(ep))
+    }
+
+    /// Asks every isolate (and every mailbox) to shut down: each gets
+    /// [`Event::ShutdownRequested`](crate::Event::ShutdownRequested). Later spawns fail.
+    pub fn shutdown(&self) {
+        self.inner.request_shutdown();
+    }
+
+    /// Waits for every isolate to stop, for at most `timeout`.
+    pub fn join(&self, timeout: Duration) -> Result<(), JoinError> {
+        self.inner.join(timeout)
+    }
+
+    /// Counters of every endpoint.
+    pub fn stats(&self) -> Stats {
+        self.inner.stats()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.inner.request_shutdown();
+        let _ = self.inner.join(self.inner.config.drop_timeout);
+        if let Some(ep) = uninstall_local(self.inner.id) {
+            ep.teardown();
+        }
+    }
+}

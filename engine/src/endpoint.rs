@@ -1,0 +1,868 @@
+//! Endpoints: the per-thread owners of ring halves.
+//!
+//! Every thread that sends or receives through a cluster has one endpoint: an isolate's
+//! thread has its own, and any other thread (main, a pool, an FFI caller) gets one lazily
+//! the first time it sends, kept in a thread-local. An endpoint owns
+//! - the producer half of one ring per target it has sent to ([`Outbound`]), created on the
+//!   first send and handed to the target through the target's control queue;
+//! - the consumer half of one ring per source that has sent to it ([`Inbound`]).
+//!
+//! The shared part ([`EndpointShared`]) is what other threads touch: the wake-up word, the
+//! control queue (new links and cluster events, under a mutex — never on the data path)
+//! and a graveyard where the rings of a closed endpoint are drained so nothing sent to it
+//! is lost without being counted.
+
+use std::cell::{Cell as StdCell, RefCell};
+use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
+use std::mem::MaybeUninit;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crossbeam_utils::CachePadded;
+use rkyv::ser::allocator::Arena;
+
+use crate::cluster::{ClusterInner, WaitStrategy};
+use crate::error::SendError;
+use crate::frame::{
+    payload_cells, Cell, FrameHeader, FrameKind, RingError, RingWriter, TransferPayload, TypeTag,
+    CELL_BYTES,
+};
+use crate::isolate::{DownReason, IsolateRef};
+use crate::link::{new_ring, FrameSource, InLink, OutLink, OwnedFrame, RingFrame, WriteOutcome};
+use crate::wake::{nap, WakeState};
+use crate::Payload;
+
+/// Locks a mutex, recovering the data if a panicking thread poisoned it (every critical
+/// section here leaves its data consistent before anything that can panic).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// What travels through an endpoint's control queue.
+pub(crate) enum Control {
+    /// The consumer half of a new ring from `source`.
+    NewLink(rtrb::Consumer<Cell>, u32),
+    /// A watched isolate is up.
+    Up(IsolateRef),
+    /// A watched isolate went down.
+    Down(IsolateRef, DownReason),
+    /// The node asks this endpoint to shut down.
+    Shutdown,
+}
+
+/// Counters of one endpoint. Each is written by one thread only (plain load+store, no
+/// locked instruction), except `undelivered`, which closing and sending threads add to.
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub sent: AtomicU64,
+    pub received: AtomicU64,
+    pub full: AtomicU64,
+    pub spilled: AtomicU64,
+    pub undelivered: AtomicU64,
+}
+
+#[inline]
+fn bump(c: &AtomicU64) {
+    c.store(c.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+}
+
+/// The part of an endpoint other threads touch.
+pub(crate) struct EndpointShared {
+    /// Unique within the cluster, never reused; 0 means "none" on the wire.
+    pub id: u32,
+    pub wake: CachePadded<WakeState>,
+    control_pending: CachePadded<AtomicBool>,
+    control: Mutex<VecDeque<Control>>,
+    graveyard: Mutex<Vec<InLink>>,
+    pub counters: CachePadded<Counters>,
+}
+
+impl EndpointShared {
+    pub(crate) fn new(id: u32) -> Self {
+        Self {
+            id,
+            wake: CachePadded::new(WakeState::new()),
+            control_pending: CachePadded::new(AtomicBool::new(false)),
+            control: Mutex::new(VecDeque::new()),
+            graveyard: Mutex::new(Vec::new()),
+            counters: CachePadded::new(Counters::default()),
+        }
+    }
+
+    /// Queues a control item and wakes the endpoint. Hands the item back if the endpoint
+    /// is closed.
+    pub(crate) fn enqueue(&self, item: Control) -> Result<(), Control> {
+        {
+            let mut q = lock(&self.control);
+            if self.wake.is_closed() {
+                return Err(item);
+            }
+            q.push_back(item);
+            self.control_pending.store(true, Ordering::Release);
+        }
+        self.wake.notify();
+        Ok(())
+    }
+
+    /// Whether control items are waiting.
+    #[inline]
+    pub(crate) fn control_pending(&self) -> bool {
+        self.control_pending.load(Ordering::Acquire)
+    }
+
+    /// Takes every waiting control item.
+    pub(crate) fn take_control(&self) -> VecDeque<Control> {
+        let mut q = lock(&self.control);
+        self.control_pending.store(false, Ordering::Relaxed);
+        std::mem::take(&mut *q)
+    }
+
+    /// Closes the endpoint for good: moves `links` and any not yet accepted into the
+    /// graveyard and discards every frame in them, counting each as undelivered.
+    /// Returns the number discarded.
+    pub(crate) fn close_and_drain(&self, links: Vec<InLink>) -> u64 {
+        self.wake.close();
+        let mut g = lock(&self.graveyard);
+        let pending = {
+            let mut q = lock(&self.control);
+            std::mem::take(&mut *q)
+        };
+        g.extend(links);
+        for c in pending {
+            if let Control::NewLink(consumer, source) = c {
+                g.push(InLink::new(consumer, source));
+            }
+        }
+        drain_graveyard(&mut g, &self.counters)
+    }
+
+    /// Discards what a sender published after the endpoint closed (called by that
+    /// sender, who saw `CLOSED` after publishing).
+    pub(crate) fn drain_after_close(&self) -> u64 {
+        let mut g = lock(&self.graveyard);
+        drain_graveyard(&mut g, &self.counters)
+    }
+}
+
+fn drain_graveyard(g: &mut Vec<InLink>, counters: &Counters) -> u64 {
+    let mut n = 0;
+    for l in g.iter_mut() {
+        n += l.discard_all();
+    }
+    g.retain(|l| !l.is_finished());
+    counters.undelivered.fetch_add(n, Ordering::Relaxed);
+    n
+}
+
+/// Hashes endpoint ids (already unique small integers) as themselves.
+#[derive(Default)]
+pub(crate) struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 << 8) | u64::from(*b);
+        }
+    }
+    fn write_u32(&mut self, v: u32) {
+        self.0 = u64::from(v);
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type IdMap<V> = HashMap<u32, V, BuildHasherDefault<IdHasher>>;
+
+/// The producer halves of an endpoint.
+pub(crate) struct Outbound {
+    links: Vec<OutLink>,
+    index: IdMap<usize>,
+    last: (u32, usize),
+}
+
+/// The consumer halves of an endpoint, plus events waiting to be handed out.
+pub(crate) struct Inbound {
+    pub links: Vec<InLink>,
+    pub events: VecDeque<Control>,
+    cursor: usize,
+    burst: usize,
+    pub held: usize,
+}
+
+/// Frames delivered from one link before the receiver moves on to the next.
+const BURST: usize = 32;
+
+/// What one poll of the inbox found.
+pub(crate) enum Polled {
+    Ring { link: usize, frame: RingFrame },
+    Owned { frame: OwnedFrame },
+    Event(Control),
+}
+
+impl Inbound {
+    fn accept(&mut self, items: VecDeque<Control>) {
+        for c in items {
+            match c {
+                Control::NewLink(consumer, source) => {
+                    self.links.push(InLink::new(consumer, source))
+                }
+                other => self.events.push_back(other),
+            }
+        }
+    }
+
+    fn has_data(&self) -> bool {
+        !self.events.is_empty() || self.links.iter().any(|l| !l.held && l.has_data())
+    }
+
+    /// Takes one frame from link `i`, marking the link held when read in place.
+    #[inline]
+    fn take_from(&mut self, i: usize) -> Option<Polled> {
+        let l = &mut self.links[i];
+        if l.held {
+            return None;
+        }
+        if let Some(frame) = l.overflow.pop_front() {
+            return Some(Polled::Owned { frame });
+        }
+        let frame = l.peek()?;
+        l.held = true;
+        self.held += 1;
+        Some(Polled::Ring { link: i, frame })
+    }
+
+    fn poll(&mut self, shared: &EndpointShared) -> Option<Polled> {
+        if shared.control_pending() {
+            self.accept(shared.take_control());
+        }
+        if let Some(ev) = self.events.front() {
+            // A down event waits until everything its isolate sent before dying is read.
+            if let Control::Down(r, _) = ev {
+                let id = r.id();
+                if let Some(i) = self
+                    .links
+                    .iter()
+                    .position(|l| l.source == id && l.has_data())
+                {
+                    if let Some(p) = self.take_from(i) {
+                        return Some(p);
+                    }
+                }
+            }
+            return self.events.pop_front().map(Polled::Event);
+        }
+        let n = self.links.len();
+        for k in 0..n {
+            let i = (self.cursor + k) % n;
+            if let Some(p) = self.take_from(i) {
+                if i == self.cursor {
+                    self.burst += 1;
+                } else {
+                    self.cursor = i;
+                    self.burst = 1;
+                }
+                if self.burst >= BURST {
+                    self.cursor = (i + 1) % n;
+                    self.burst = 0;
+                }
+                return Some(p);
+            }
+        }
+        None
+    }
+
+    /// Drops links whose producer has gone and which hold nothing.
+    fn prune(&mut self) {
+        if self.held == 0 {
+            self.links.retain(|l| !l.is_finished());
+            self.cursor = 0;
+        }
+    }
+
+    /// Releases a frame read in place from link `i`.
+    pub(crate) fn release(&mut self, i: usize, cells: usize) {
+        let l = &mut self.links[i];
+        debug_assert!(l.held);
+        l.commit(cells);
+        l.held = false;
+        self.held -= 1;
+    }
+
+    /// Frees ring space for blocked peers: moves every frame of every link that is not
+    /// held into its overflow queue.
+    fn drain_to_overflow(&mut self, shared: &EndpointShared) {
+        if shared.control_pending() {
+            self.accept(shared.take_control());
+        }
+        for l in self.links.iter_mut().filter(|l| !l.held) {
+            l.drain_to_overflow();
+        }
+    }
+}
+
+/// Who a frame goes to.
+pub(crate) enum Target<'a> {
+    /// A reference (carries the endpoint, no lookup needed).
+    Ref(&'a IsolateRef),
+    /// An endpoint id from a frame header (replies).
+    Id(u32),
+}
+
+impl Target<'_> {
+    fn id(&self) -> u32 {
+        match self {
+            Self::Ref(r) => r.id(),
+            Self::Id(id) => *id,
+        }
+    }
+}
+
+/// Serialises a value in place.
+pub(crate) struct CopySource<'v, 'a, T> {
+    pub value: &'v T,
+    pub arena: &'a mut Arena,
+}
+
+impl<T: Payload> FrameSource for CopySource<'_, '_, T> {
+    #[inline]
+    fn fill(&mut self, cells: &mut [MaybeUninit<Cell>]) -> Result<usize, RingError> {
+        let writer = RingWriter::new(cells);
+        let w = rkyv::api::high::to_bytes_in_with_alloc::<_, _, RingError>(
+            self.value,
+            writer,
+            self.arena.acquire(),
+        )?;
+        Ok(rkyv::ser::writer::Positional::pos(&w))
+    }
+}
+
+/// Copies raw bytes (FFI and pre-serialised payloads).
+pub(crate) struct BytesSource<'b>(pub &'b [u8]);
+
+impl FrameSource for BytesSource<'_> {
+    fn fill(&mut self, cells: &mut [MaybeUninit<Cell>]) -> Result<usize, RingError> {
+        if self.0.len() > cells.len() * CELL_BYTES {
+            return Err(RingError::NoRoom);
+        }
+        // SAFETY: the window holds at least `len` bytes (checked above) and is exclusively
+        // ours until commit; the source slice cannot overlap uncommitted ring memory.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.0.as_ptr(),
+                cells.as_mut_ptr().cast::<u8>(),
+                self.0.len(),
+            );
+        }
+        Ok(self.0.len())
+    }
+}
+
+/// Moves a pointer.
+pub(crate) struct TransferSource(pub TransferPayload);
+
+impl FrameSource for TransferSource {
+    #[inline]
+    fn fill(&mut self, cells: &mut [MaybeUninit<Cell>]) -> Result<usize, RingError> {
+        let Some(c) = cells.first_mut() else {
+            return Err(RingError::NoRoom);
+        };
+        c.write(self.0.encode());
+        Ok(TransferPayload::BYTES)
+    }
+}
+
+/// Builds an owned frame from a source (for spilling), or says it can never fit.
+fn build_owned(
+    header: FrameHeader,
+    src: &mut impl FrameSource,
+    max_cells: usize,
+) -> Result<OwnedFrame, RingError> {
+    let mut size = 4usize;
+    loop {
+        let mut buf: Vec<MaybeUninit<Cell>> = vec![MaybeUninit::new(Cell::default()); size];
+        match src.fill(&mut buf) {
+            Ok(len) => {
+                buf.truncate(payload_cells(len));
+                let payload: Box<[Cell]> = buf
+                    .into_iter()
+                    // SAFETY: every element was initialised with `Cell::default()` above
+                    // and then possibly overwritten by `fill`.
+                    .map(|c| unsafe { c.assume_init() })
+                    .collect();
+                let mut header = header;
+                header.len = len as u32;
+                return Ok(OwnedFrame { header, payload });
+            }
+            Err(RingError::NoRoom) if size < max_cells => size = (size * 2).min(max_cells),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// How a send behaves when the ring is full.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// Return `Full`.
+    Try,
+    /// Wait (see [`LocalEndpoint::send`]).
+    Block,
+}
+
+/// An endpoint as its owner thread sees it.
+pub(crate) struct LocalEndpoint {
+    pub shared: Arc<EndpointShared>,
+    pub cluster: Arc<ClusterInner>,
+    pub me: IsolateRef,
+    pub inbound: RefCell<Inbound>,
+    pub outbound: RefCell<Outbound>,
+    /// Scratch space rkyv serialises with (reused: no allocation in steady state).
+    arena: RefCell<Arena>,
+    pub strategy: WaitStrategy,
+    /// Links with spilled frames (checked without borrowing `outbound`).
+    spilled_links: StdCell<usize>,
+    /// A `Context` or `Mailbox` is reading this endpoint.
+    pub inbox_open: StdCell<bool>,
+    torn_down: StdCell<bool>,
+}
+
+impl LocalEndpoint {
+    pub(crate) fn new(cluster: Arc<ClusterInner>, me: IsolateRef, strategy: WaitStrategy) -> Self {
+        let shared = me.endpoint().clone();
+        shared.wake.register_current_thread();
+        Self {
+            shared,
+            cluster,
+            me,
+            inbound: RefCell::new(Inbound {
+                links: Vec::new(),
+                events: VecDeque::new(),
+                cursor: 0,
+                burst: 0,
+                held: 0,
+            }),
+            outbound: RefCell::new(Outbound {
+                links: Vec::new(),
+                index: IdMap::default(),
+                last: (0, 0),
+            }),
+            arena: RefCell::new(Arena::new()),
+            strategy,
+            spilled_links: StdCell::new(0),
+            inbox_open: StdCell::new(false),
+            torn_down: StdCell::new(false),
+        }
+    }
+
+    /// Finds or creates the link to `target`.
+    fn link_index(&self, out: &mut Outbound, target: &Target<'_>) -> Result<usize, SendError> {
+        let id = target.id();
+        if out.last.0 == id && id != 0 {
+            return Ok(out.last.1);
+        }
+        if let Some(&i) = out.index.get(&id) {
+            out.last = (id, i);
+            return Ok(i);
+        }
+        let endpoint = match target {
+            Target::Ref(r) => r.endpoint().clone(),
+            Target::Id(id) => match self.cluster.endpoint_by_id(*id) {
+                Some(e) => e,
+                None => return Err(SendError::UnknownTarget(())),
+            },
+        };
+        let (producer, consumer) = new_ring(self.cluster.config.ring_cells);
+        if endpoint
+            .enqueue(Control::NewLink(consumer, self.shared.id))
+            .is_err()
+        {
+            return Err(SendError::Disconnected(()));
+        }
+        let i = out.links.len();
+        out.links.push(OutLink::new(producer, endpoint));
+        out.index.insert(id, i);
+        out.last = (id, i);
+        Ok(i)
+    }
+
+    fn remove_link(&self, out: &mut Outbound, i: usize) {
+        let link = out.links.swap_remove(i);
+        let id = link.target.id;
+        out.index.remove(&id);
+        if let Some(moved) = out.links.get(i) {
+            out.index.insert(moved.target.id, i);
+        }
+        out.last = (0, 0);
+        if !link.spill.is_empty() {
+            self.spilled_links.set(self.spilled_links.get() - 1);
+            let mut n = 0;
+            for f in link.spill {
+                f.discard();
+                n += 1;
+            }
+            link.target
+                .counters
+                .undelivered
+                .fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    /// Sends one frame to `target`.
+    ///
+    /// With [`Mode::Block`], a full ring makes the sender wait: it spins, yields, then naps
+    /// (up to 1 ms at a time), and meanwhile moves the frames waiting in its *own* inbound
+    /// rings into overflow queues, so two endpoints flooding each other both progress.
+    /// If the sender holds a received message (that ring cannot be freed), it stops
+    /// waiting after the spin phase and spills the frame to the heap instead, where it
+    /// keeps its place in the link's FIFO order: a cycle of handlers replying to each
+    /// other can therefore never deadlock. Spilled frames are written by later sends and
+    /// by the receive loop; they count in `Stats::spilled`.
+    pub(crate) fn send(
+        &self,
+        target: Target<'_>,
+        kind: FrameKind,
+        tag: TypeTag,
+        correlation: u64,
+        reply_to: u32,
+        src: &mut impl FrameSource,
+        mode: Mode,
+    ) -> Result<(), SendError> {
+        let mut guard = self.outbound.borrow_mut();
+        let out = &mut *guard;
+        let i = self.link_index(out, &target)?;
+        let header = FrameHeader {
+            len: 0,
+            kind,
+            tag,
+            sender: self.shared.id,
+            reply_to,
+            correlation,
+        };
+        if out.links[i].target.wake.is_closed() {
+            self.remove_link(out, i);
+            return Err(SendError::Disconnected(()));
+        }
+        let link = &mut out.links[i];
+        if !link.spill.is_empty() && !link.flush_spill() {
+            if mode == Mode::Try {
+                bump(&self.shared.counters.full);
+                return Err(SendError::Full(()));
+            }
+            return self.spill(link, header, src);
+        }
+        let mut waited: Option<Instant> = None;
+        let mut round = 0u32;
+        loop {
+            let link = &mut out.links[i];
+            match link.write(header, src) {
+                WriteOutcome::Written => {
+                    bump(&self.shared.counters.sent);
+                    if link.target.wake.notify() {
+                        link.target.drain_after_close();
+                    }
+                    return Ok(());
+                }
+                WriteOutcome::TooLarge => {
+                    return Err(SendError::TooLarge {
+                        value: (),
+                        capacity: link.capacity() * CELL_BYTES,
+                    })
+                }
+                WriteOutcome::Failed => return Err(SendError::Serialize(())),
+                WriteOutcome::Full => {}
+            }
+            if waited.is_none() {
+                bump(&self.shared.counters.full);
+            }
+            if mode == Mode::Try {
+                return Err(SendError::Full(()));
+            }
+            let start = *waited.get_or_insert_with(Instant::now);
+            if link.target.wake.is_closed() {
+                self.remove_link(out, i);
+                return Err(SendError::Disconnected(()));
+            }
+            let holding = {
+                let mut inbound = self.inbound.borrow_mut();
+                inbound.drain_to_overflow(&self.shared);
+                inbound.held > 0
+            };
+            let spin = self.strategy.spin_time();
+            if holding && start.elapsed() >= spin {
+                return self.spill(&mut out.links[i], header, src);
+            }
+            backoff(&mut round, start, spin);
+        }
+    }
+
+    fn spill(
+        &self,
+        link: &mut OutLink,
+        header: FrameHeader,
+        src: &mut impl FrameSource,
+    ) -> Result<(), SendError> {
+        let max = link.capacity().saturating_sub(crate::frame::HEADER_CELLS);
+        match build_owned(header, src, max) {
+            Ok(f) => {
+                if link.spill.is_empty() {
+                    self.spilled_links.set(self.spilled_links.get() + 1);
+                }
+                link.spill.push_back(f);
+                bump(&self.shared.counters.spilled);
+                Ok(())
+            }
+            Err(RingError::NoRoom) => Err(SendError::TooLarge {
+                value: (),
+                capacity: link.capacity() * CELL_BYTES,
+            }),
+            Err(RingError::Failed) => Err(SendError::Serialize(())),
+        }
+    }
+
+    /// Writes spilled frames that fit now.
+    pub(crate) fn flush_spills(&self) {
+        if self.spilled_links.get() == 0 {
+            return;
+        }
+        let mut out = self.outbound.borrow_mut();
+        let mut remaining = 0;
+        for link in out.links.iter_mut().filter(|l| !l.spill.is_empty()) {
+            if link.target.wake.is_closed() {
+                let mut n = 0;
+                for f in link.spill.drain(..) {
+                    f.discard();
+                    n += 1;
+                }
+                link.target
+                    .counters
+                    .undelivered
+                    .fetch_add(n, Ordering::Relaxed);
+                continue;
+            }
+            if link.flush_spill() {
+                if link.target.wake.notify() {
+                    link.target.drain_after_close();
+                }
+            } else {
+                remaining += 1;
+            }
+        }
+        self.spilled_links.set(remaining);
+    }
+
+    /// Sends a copy of `value`.
+    #[inline]
+    pub(crate) fn send_copy<T: Payload>(
+        &self,
+        target: Target<'_>,
+        value: &T,
+        correlation: u64,
+        reply_to: u32,
+        mode: Mode,
+    ) -> Result<(), SendError> {
+        let mut arena = self.arena.borrow_mut();
+        let mut src = CopySource {
+            value,
+            arena: &mut arena,
+        };
+        self.send(
+            target,
+            FrameKind::Copy,
+            crate::frame::type_tag::<T>(),
+            correlation,
+            reply_to,
+            &mut src,
+            mode,
+        )
+    }
+
+    /// Sends raw bytes with an application tag (top bit clear, see [`TypeTag`]).
+    pub(crate) fn send_bytes(
+        &self,
+        target: Target<'_>,
+        tag: TypeTag,
+        bytes: &[u8],
+        mode: Mode,
+    ) -> Result<(), SendError> {
+        self.send(
+            target,
+            FrameKind::Copy,
+            tag,
+            0,
+            self.shared.id,
+            &mut BytesSource(bytes),
+            mode,
+        )
+    }
+
+    /// Moves `value` (only its pointer travels).
+    pub(crate) fn send_transfer<T: Send + 'static>(
+        &self,
+        target: Target<'_>,
+        value: Box<T>,
+        correlation: u64,
+        reply_to: u32,
+        mode: Mode,
+    ) -> Result<(), SendError<Box<T>>> {
+        let ptr = Box::into_raw(value);
+        let mut src = TransferSource(TransferPayload {
+            ptr: ptr.cast::<u8>(),
+            drop_fn: crate::frame::drop_box::<T>,
+        });
+        self.send(
+            target,
+            FrameKind::Transfer,
+            crate::frame::type_tag::<T>(),
+            correlation,
+            reply_to,
+            &mut src,
+            mode,
+        )
+        .map_err(|e| {
+            // SAFETY: the send failed, so no frame holds `ptr`: we still own the box.
+            e.map(|()| unsafe { Box::from_raw(ptr) })
+        })
+    }
+
+    /// One poll of the inbox, no waiting.
+    #[inline]
+    pub(crate) fn poll(&self) -> Option<Polled> {
+        self.flush_spills();
+        let p = self.inbound.borrow_mut().poll(&self.shared);
+        if p.is_some() {
+            bump(&self.shared.counters.received);
+        }
+        p
+    }
+
+    /// Waits for work per the wait strategy, until `deadline`. Returns at once if there
+    /// may be work; spurious returns are fine (the caller polls again).
+    pub(crate) fn idle(&self, idle_since: Instant, round: &mut u32, deadline: Option<Instant>) {
+        match self.strategy {
+            WaitStrategy::BusySpin => std::hint::spin_loop(),
+            WaitStrategy::Yield => std::thread::yield_now(),
+            WaitStrategy::SpinThenPark { spin } => {
+                if idle_since.elapsed() < spin {
+                    *round += 1;
+                    if *round % 64 == 0 {
+                        std::thread::yield_now();
+                    } else {
+                        std::hint::spin_loop();
+                    }
+                    return;
+                }
+                self.inbound.borrow_mut().prune();
+                self.shared.wake.prepare_park();
+                if self.inbound.borrow().has_data() || self.shared.control_pending() {
+                    self.shared.wake.cancel_park();
+                    return;
+                }
+                // With spilled frames to write, wake up now and then to retry.
+                let deadline = if self.spilled_links.get() > 0 {
+                    let retry = Instant::now() + Duration::from_millis(1);
+                    Some(deadline.map_or(retry, |d| d.min(retry)))
+                } else {
+                    deadline
+                };
+                self.shared.wake.park(deadline);
+            }
+        }
+    }
+
+    /// Tears the endpoint down: flushes what spilled frames it can, closes it, drains and
+    /// counts what was never read, and removes it from the cluster.
+    pub(crate) fn teardown(&self) {
+        if self.torn_down.replace(true) {
+            return;
+        }
+        self.flush_spills();
+        {
+            let mut out = self.outbound.borrow_mut();
+            while !out.links.is_empty() {
+                self.remove_link(&mut out, 0);
+            }
+        }
+        let links = std::mem::take(&mut self.inbound.borrow_mut().links);
+        let n = self.shared.close_and_drain(links);
+        self.cluster.count_undelivered(n);
+        self.inbound.borrow_mut().events.clear();
+        self.cluster.forget_endpoint(self.shared.id);
+    }
+
+    /// Per-link occupancy of the outbound rings: (target id, cells used, capacity).
+    pub(crate) fn outbound_occupancy(&self) -> Vec<(u32, usize, usize)> {
+        self.outbound
+            .borrow()
+            .links
+            .iter()
+            .map(|l| (l.target.id, l.occupancy(), l.capacity()))
+            .collect()
+    }
+}
+
+impl Drop for LocalEndpoint {
+    fn drop(&mut self) {
+        self.teardown();
+    }
+}
+
+/// Backoff while waiting for ring space: spin, then yield, then nap up to 1 ms.
+fn backoff(round: &mut u32, start: Instant, spin: Duration) {
+    *round += 1;
+    if *round < 64 {
+        std::hint::spin_loop();
+    } else if start.elapsed() < spin.max(Duration::from_micros(20)) {
+        std::thread::yield_now();
+    } else {
+        let exp = (*round / 64).min(5);
+        nap(Duration::from_micros(30 << exp).min(Duration::from_millis(1)));
+    }
+}
+
+thread_local! {
+    /// This thread's endpoint in each cluster it has used.
+    static LOCAL: RefCell<Vec<Rc<LocalEndpoint>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Installs `ep` as this thread's endpoint in its cluster.
+pub(crate) fn install_local(ep: Rc<LocalEndpoint>) {
+    LOCAL.with(|l| l.borrow_mut().push(ep));
+}
+
+/// Removes this thread's endpoint in cluster `cluster_id`.
+pub(crate) fn uninstall_local(cluster_id: u64) -> Option<Rc<LocalEndpoint>> {
+    LOCAL
+        .try_with(|l| {
+            let mut v = l.borrow_mut();
+            let i = v.iter().position(|e| e.cluster.id == cluster_id)?;
+            Some(v.swap_remove(i))
+        })
+        .ok()
+        .flatten()
+}
+
+/// This thread's endpoint in cluster `cluster_id`, created on first use with `make`.
+/// `None` if the cluster is gone or the thread is exiting.
+#[inline]
+pub(crate) fn local_endpoint(
+    cluster_id: u64,
+    make: impl FnOnce() -> Option<Rc<LocalEndpoint>>,
+) -> Option<Rc<LocalEndpoint>> {
+    let found = LOCAL
+        .try_with(|l| {
+            l.borrow()
+                .iter()
+                .find(|e| e.cluster.id == cluster_id)
+                .cloned()
+        })
+        .ok()?;
+    if found.is_some() {
+        return found;
+    }
+    let ep = make()?;
+    LOCAL.try_with(|l| l.borrow_mut().push(ep.clone())).ok()?;
+    Some(ep)
+}

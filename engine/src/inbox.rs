@@ -1,0 +1,423 @@
+//! Receive loops: [`Inbox`] (shared by isolates and other threads), [`Context`] (an
+//! isolate's view of itself) and [`Mailbox`] (another thread's).
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashSet;
+use std::ops::Deref;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use crate::cluster::{ClusterInner, Stats};
+use crate::endpoint::{Control, LocalEndpoint, Mode, Polled, Target};
+use crate::error::{LookupError, SendError, SpawnError};
+use crate::isolate::IsolateRef;
+use crate::message::{Body, Event, Message};
+use crate::path::{Properties, PropertyValue};
+use crate::Payload;
+
+type Filter = Box<dyn Fn(&IsolateRef) -> bool>;
+
+/// The receiving side of an endpoint: messages and cluster events, one at a time, in one
+/// loop. Reached through a [`Context`] (isolates) or a [`Mailbox`] (other threads).
+///
+/// Receiving is fair across senders (round-robin, at most 32 messages from one sender
+/// before the next gets a turn); per sender, order is FIFO.
+pub struct Inbox {
+    ep: Rc<LocalEndpoint>,
+    filters: RefCell<Vec<Filter>>,
+    up: RefCell<HashSet<u32>>,
+    stopping: Cell<bool>,
+    closed: Cell<bool>,
+    finished: Cell<bool>,
+}
+
+impl Inbox {
+    pub(crate) fn new(ep: Rc<LocalEndpoint>) -> Self {
+        ep.inbox_open.set(true);
+        Self {
+            ep,
+            filters: RefCell::new(Vec::new()),
+            up: RefCell::new(HashSet::new()),
+            stopping: Cell::new(false),
+            closed: Cell::new(false),
+            finished: Cell::new(false),
+        }
+    }
+
+    /// This endpoint's own reference (the `sender` of what it sends).
+    pub fn me(&self) -> &IsolateRef {
+        &self.ep.me
+    }
+
+    /// Waits for the next event. `None` once the endpoint has stopped (after
+    /// `shutdown_isolate` and draining everything that was sent before).
+    #[inline]
+    pub fn recv(&self) -> Option<Event<'_>> {
+        self.next(None, true)
+    }
+
+    /// Waits at most `timeout` for the next event. `None` on timeout or once stopped
+    /// ([`is_finished`](Self::is_finished) tells which).
+    pub fn recv_timeout(&self, timeout: Duration) -> Option<Event<'_>> {
+        self.next(Some(Instant::now() + timeout), true)
+    }
+
+    /// The next event if one is waiting.
+    pub fn try_recv(&self) -> Option<Event<'_>> {
+        self.next(None, false)
+    }
+
+    /// Whether the endpoint has stopped: `recv` returns `None` from now on.
+    pub fn is_finished(&self) -> bool {
+        self.finished.get()
+    }
+
+    fn next(&self, deadline: Option<Instant>, wait: bool) -> Option<Event<'_>> {
+        let mut idle_since: Option<Instant> = None;
+        let mut round = 0u32;
+        loop {
+            if self.finished.get() {
+                return None;
+            }
+            match self.ep.poll() {
+                Some(Polled::Ring { link, frame }) => {
+                    return Some(Event::Message(Message {
+                        ep: &self.ep,
+                        header: frame.header,
+                        body: Body::Ring {
+                            link,
+                            payload: frame.payload,
+                            cells: frame.cells,
+                        },
+                        taken: false,
+                    }))
+                }
+                Some(Polled::Owned { frame }) => {
+                    return Some(Event::Message(Message {
+                        ep: &self.ep,
+                        header: frame.header,
+                        body: Body::Owned(frame.payload),
+                        taken: false,
+                    }))
+                }
+                Some(Polled::Event(c)) => {
+                    if let Some(ev) = self.filter_event(c) {
+                        return Some(ev);
+                    }
+                    continue;
+                }
+                None => {}
+            }
+            if self.stopping.get() {
+                if !self.closed.get() {
+                    // Close, then one more pass for anything published before the close.
+                    self.ep.shared.wake.close();
+                    self.closed.set(true);
+                    continue;
+                }
+                self.finished.set(true);
+                return None;
+            }
+            if !wait {
+                return None;
+            }
+            let now = Instant::now();
+            if deadline.is_some_and(|d| now >= d) {
+                return None;
+            }
+            let since = *idle_since.get_or_insert(now);
+            self.ep.idle(since, &mut round, deadline);
+        }
+    }
+
+    fn filter_event(&self, c: Control) -> Option<Event<'_>> {
+        match c {
+            Control::Up(r) => {
+                if r.id() == self.ep.me.id() || self.up.borrow().contains(&r.id()) {
+                    return None;
+                }
+                if !self.filters.borrow().iter().any(|f| f(&r)) {
+                    return None;
+                }
+                self.up.borrow_mut().insert(r.id());
+                Some(Event::IsolateUp(r))
+            }
+            Control::Down(r, why) => self
+                .up
+                .borrow_mut()
+                .remove(&r.id())
+                .then_some(Event::IsolateDown(r, why)),
+            Control::Shutdown => Some(Event::ShutdownRequested),
+            Control::NewLink(..) => None,
+        }
+    }
+
+    /// Watches isolates that match `filter`: an [`Event::IsolateUp`] for every live one
+    /// now (none can be missed) and every later one, then one [`Event::IsolateDown`] when
+    /// it stops. Several filters may be added; an isolate matching any is watched once.
+    ///
+    /// The seed's `onIsolateUp.where((ref) => ref.property('type') == 'receiver')` is
+    /// `watch_isolates(|r| r.property("type").is_some_and(|v| v == "receiver"))`.
+    pub fn watch_isolates(&self, filter: impl Fn(&IsolateRef) -> bool + 'static) {
+        self.filters.borrow_mut().push(Box::new(filter));
+        self.ep.cluster.watch(&self.ep.me);
+    }
+
+    /// Sends a copy of `value` to `target` from this endpoint (the fast path: no
+    /// thread-local lookup). Waits while the ring is full.
+    #[inline]
+    pub fn send<T: Payload>(&self, target: &IsolateRef, value: &T) -> Result<(), SendError> {
+        self.ep.send_copy(
+            Target::Ref(target),
+            value,
+            0,
+            self.ep.shared.id,
+            Mode::Block,
+        )
+    }
+
+    /// Like [`send`](Self::send), but [`SendError::Full`] instead of waiting.
+    #[inline]
+    pub fn try_send<T: Payload>(&self, target: &IsolateRef, value: &T) -> Result<(), SendError> {
+        self.ep
+            .send_copy(Target::Ref(target), value, 0, self.ep.shared.id, Mode::Try)
+    }
+
+    /// Sends raw bytes with an application-chosen tag (for payloads shared with C or
+    /// other languages; read them with [`Message::bytes`]). Waits while the ring is full.
+    pub fn send_bytes(
+        &self,
+        target: &IsolateRef,
+        tag: crate::TypeTag,
+        bytes: &[u8],
+    ) -> Result<(), SendError> {
+        self.ep
+            .send_bytes(Target::Ref(target), tag, bytes, Mode::Block)
+    }
+
+    /// Moves `value` to `target`; only the pointer travels.
+    pub fn transfer<T: Send + 'static>(
+        &self,
+        target: &IsolateRef,
+        value: Box<T>,
+    ) -> Result<(), SendError<Box<T>>> {
+        self.ep.send_transfer(
+            Target::Ref(target),
+            value,
+            0,
+            self.ep.shared.id,
+            Mode::Block,
+        )
+    }
+
+    /// Like [`transfer`](Self::transfer), but [`SendError::Full`] instead of waiting.
+    pub fn try_transfer<T: Send + 'static>(
+        &self,
+        target: &IsolateRef,
+        value: Box<T>,
+    ) -> Result<(), SendError<Box<T>>> {
+        self.ep
+            .send_transfer(Target::Ref(target), value, 0, self.ep.shared.id, Mode::Try)
+    }
+
+    /// Looks up a live isolate by path.
+    pub fn lookup(&self, path: &str) -> Result<IsolateRef, LookupError> {
+        self.ep.cluster.lookup(path)
+    }
+
+    /// Asks every isolate of the node to shut down.
+    pub fn shutdown_node(&self) {
+        self.ep.cluster.request_shutdown();
+    }
+
+    /// Occupancy of this endpoint's outgoing rings: `(target, bytes used, capacity)`.
+    pub fn link_occupancy(&self) -> Vec<(u32, usize, usize)> {
+        self.ep
+            .outbound_occupancy()
+            .into_iter()
+            .map(|(id, used, cap)| {
+                (
+                    id,
+                    used * crate::frame::CELL_BYTES,
+                    cap * crate::frame::CELL_BYTES,
+                )
+            })
+            .collect()
+    }
+
+    /// Counters of every endpoint of the cluster.
+    pub fn cluster_stats(&self) -> Stats {
+        self.ep.cluster.stats()
+    }
+
+    /// Stops receiving: what was sent before is still delivered, then `recv` returns
+    /// `None`; later sends to this endpoint fail with `Disconnected`.
+    pub(crate) fn stop(&self) {
+        self.stopping.set(true);
+    }
+
+    pub(crate) fn cluster(&self) -> &std::sync::Arc<ClusterInner> {
+        &self.ep.cluster
+    }
+}
+
+impl Drop for Inbox {
+    fn drop(&mut self) {
+        self.ep.inbox_open.set(false);
+    }
+}
+
+type ShutdownHandler = Box<dyn FnMut(&Context)>;
+
+/// An isolate's view of itself, handed to its entry function: receive loop, sends,
+/// spawn, lookup, events, shutdown. Derefs to [`Inbox`].
+///
+/// ```no_run
+/// # use isolate_cluster::*;
+/// fn receiver(ctx: &Context) {
+///     while let Some(event) = ctx.recv() {
+///         if let Event::Message(msg) = event {
+///             if let Ok(text) = msg.get::<String>() {
+///                 let _ = msg.reply(&format!("re: {text}"));
+///             }
+///         }
+///     }
+/// }
+/// ```
+pub struct Context {
+    inbox: Inbox,
+    on_shutdown: RefCell<Option<ShutdownHandler>>,
+}
+
+impl Deref for Context {
+    type Target = Inbox;
+    fn deref(&self) -> &Inbox {
+        &self.inbox
+    }
+}
+
+impl Context {
+    pub(crate) fn new(inbox: Inbox) -> Self {
+        Self {
+            inbox,
+            on_shutdown: RefCell::new(None),
+        }
+    }
+
+    /// The isolate's path.
+    pub fn path(&self) -> &str {
+        self.inbox.me().path()
+    }
+
+    /// The isolate's properties.
+    pub fn properties(&self) -> &Properties {
+        self.inbox.me().properties()
+    }
+
+    /// One property.
+    pub fn property(&self, key: &str) -> Option<&PropertyValue> {
+        self.inbox.me().property(key)
+    }
+
+    /// A reference to this isolate.
+    pub fn self_ref(&self) -> IsolateRef {
+        self.inbox.me().clone()
+    }
+
+    /// Waits for the next event, running the shutdown-request handler when the node asks
+    /// this isolate to stop (see [`on_shutdown_request`](Self::on_shutdown_request)).
+    #[inline]
+    pub fn recv(&self) -> Option<Event<'_>> {
+        let ev = self.inbox.recv();
+        self.after(ev)
+    }
+
+    /// Like [`recv`](Self::recv) with a timeout.
+    pub fn recv_timeout(&self, timeout: Duration) -> Option<Event<'_>> {
+        let ev = self.inbox.recv_timeout(timeout);
+        self.after(ev)
+    }
+
+    /// Like [`recv`](Self::recv) without waiting.
+    pub fn try_recv(&self) -> Option<Event<'_>> {
+        let ev = self.inbox.try_recv();
+        self.after(ev)
+    }
+
+    #[inline]
+    fn after<'a>(&'a self, ev: Option<Event<'a>>) -> Option<Event<'a>> {
+        if let Some(Event::ShutdownRequested) = ev {
+            let handler = self.on_shutdown.borrow_mut().take();
+            match handler {
+                Some(mut h) => {
+                    h(self);
+                    let mut slot = self.on_shutdown.borrow_mut();
+                    if slot.is_none() {
+                        *slot = Some(h);
+                    }
+                }
+                None => self.shutdown_isolate(),
+            }
+        }
+        ev
+    }
+
+    /// Sets what happens when the node asks this isolate to shut down. The default stops
+    /// the isolate (as [`shutdown_isolate`](Self::shutdown_isolate)); a handler may finish
+    /// work first and call `shutdown_isolate` later. The event is still returned by `recv`.
+    pub fn on_shutdown_request(&self, handler: impl FnMut(&Context) + 'static) {
+        *self.on_shutdown.borrow_mut() = Some(Box::new(handler));
+    }
+
+    /// Stops this isolate: messages already sent to it are still delivered, then `recv`
+    /// returns `None` and the entry function should return.
+    pub fn shutdown_isolate(&self) {
+        self.inbox.stop();
+    }
+
+    /// Spawns an isolate (see [`Cluster::spawn`](crate::Cluster::spawn)).
+    pub fn spawn<F>(
+        &self,
+        path: &str,
+        properties: Properties,
+        entry: F,
+    ) -> Result<IsolateRef, SpawnError>
+    where
+        F: FnOnce(&Context) + Send + 'static,
+    {
+        ClusterInner::spawn(self.inbox.cluster(), path, properties, entry)
+    }
+
+    /// Ends this isolate now and hands `value` to whoever waits with
+    /// [`IsolateRef::join_exit`]: the box moves, its contents are never copied (Dart's
+    /// `Isolate.exit`). Unwinds the isolate's stack (destructors run).
+    pub fn exit<T: Send + 'static>(&self, value: Box<T>) -> ! {
+        let value: Box<dyn std::any::Any + Send> = value;
+        std::panic::resume_unwind(Box::new(ExitSignal(value)))
+    }
+}
+
+/// The unwind payload of [`Context::exit`].
+pub(crate) struct ExitSignal(pub Box<dyn std::any::Any + Send>);
+
+/// The receive side of a thread that is not an isolate (for example `main`): replies and
+/// events sent to this thread's endpoint. Derefs to [`Inbox`]. One per thread per
+/// cluster at a time; see [`Cluster::mailbox`](crate::Cluster::mailbox).
+pub struct Mailbox {
+    inbox: Inbox,
+}
+
+impl Mailbox {
+    pub(crate) fn new(ep: Rc<LocalEndpoint>) -> Self {
+        Self {
+            inbox: Inbox::new(ep),
+        }
+    }
+}
+
+impl Deref for Mailbox {
+    type Target = Inbox;
+    fn deref(&self) -> &Inbox {
+        &self.inbox
+    }
+}

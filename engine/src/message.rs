@@ -1,0 +1,244 @@
+//! Received messages and events.
+
+use std::fmt;
+
+use rkyv::{Archive, Portable};
+
+use crate::endpoint::{LocalEndpoint, Mode, Target};
+use crate::error::{AccessError, SendError};
+use crate::frame::{type_tag, Cell, FrameHeader, FrameKind, TransferPayload, TypeTag, CELL_BYTES};
+use crate::isolate::{DownReason, IsolateRef};
+use crate::Payload;
+
+/// What a receive loop gets.
+pub enum Event<'a> {
+    /// A message.
+    Message(Message<'a>),
+    /// A watched isolate is up (see [`Inbox::watch_isolates`](crate::Inbox::watch_isolates)).
+    IsolateUp(IsolateRef),
+    /// A watched isolate went down, and why. Everything it sent before is delivered first.
+    IsolateDown(IsolateRef, DownReason),
+    /// The node asks this isolate to shut down.
+    ShutdownRequested,
+}
+
+impl fmt::Debug for Event<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Message(m) => write!(f, "Message({m:?})"),
+            Self::IsolateUp(r) => write!(f, "IsolateUp({r})"),
+            Self::IsolateDown(r, why) => write!(f, "IsolateDown({r}, {why})"),
+            Self::ShutdownRequested => f.write_str("ShutdownRequested"),
+        }
+    }
+}
+
+pub(crate) enum Body {
+    /// In place in ring `link`; the frame is consumed when the message is dropped.
+    Ring {
+        link: usize,
+        payload: *const Cell,
+        cells: usize,
+    },
+    /// Moved out of its ring earlier (the receiver was blocked sending).
+    Owned(Box<[Cell]>),
+}
+
+/// A received message, read in place from the ring (no copy, no deserialisation).
+///
+/// While a message is alive, its ring's head stays where it is: the sender can fill the
+/// rest of the ring, and later messages of the same sender wait until this one is
+/// dropped. Messages from other senders keep flowing.
+pub struct Message<'a> {
+    pub(crate) ep: &'a LocalEndpoint,
+    pub(crate) header: FrameHeader,
+    pub(crate) body: Body,
+    pub(crate) taken: bool,
+}
+
+impl<'a> Message<'a> {
+    fn payload_ptr(&self) -> *const Cell {
+        match &self.body {
+            Body::Ring { payload, .. } => *payload,
+            Body::Owned(b) => b.as_ptr(),
+        }
+    }
+
+    /// The type tag of the payload.
+    pub fn tag(&self) -> TypeTag {
+        self.header.tag
+    }
+
+    /// Whether this is a transfer (use [`take`](Self::take)) rather than a copy (use
+    /// [`get`](Self::get)).
+    pub fn is_transfer(&self) -> bool {
+        self.header.kind == FrameKind::Transfer
+    }
+
+    /// The correlation id (0 for none).
+    pub fn correlation(&self) -> u64 {
+        self.header.correlation
+    }
+
+    /// The payload bytes of a copy message (empty for a transfer).
+    pub fn bytes(&self) -> &[u8] {
+        if self.is_transfer() {
+            return &[];
+        }
+        let len = self.header.len as usize;
+        debug_assert!(len <= self.payload_cells() * CELL_BYTES);
+        // SAFETY: the payload holds `len` initialised bytes, 16-aligned, that stay in place
+        // (uncommitted ring cells or an owned box) for as long as `self` lives.
+        unsafe { std::slice::from_raw_parts(self.payload_ptr().cast::<u8>(), len) }
+    }
+
+    fn payload_cells(&self) -> usize {
+        match &self.body {
+            Body::Ring { cells, .. } => cells - crate::frame::HEADER_CELLS,
+            Body::Owned(b) => b.len(),
+        }
+    }
+
+    fn check<T: 'static>(&self, kind: FrameKind) -> Result<(), AccessError> {
+        if self.header.kind != kind {
+            return Err(match kind {
+                FrameKind::Copy => AccessError::NotCopy,
+                _ => AccessError::NotTransfer,
+            });
+        }
+        let expected = type_tag::<T>();
+        if self.header.tag != expected {
+            return Err(AccessError::TypeMismatch {
+                expected,
+                found: self.header.tag,
+            });
+        }
+        Ok(())
+    }
+
+    /// The payload as the archived form of `T`, read in place. An error if the message
+    /// carries another type (tags are compared; nothing is read on a mismatch).
+    ///
+    /// Frames from this process were written by rkyv from a `T`, so they are read without
+    /// validation; bytes from outside go through [`get_checked`](Self::get_checked).
+    #[inline]
+    pub fn get<T>(&self) -> Result<&T::Archived, AccessError>
+    where
+        T: Archive + 'static,
+        T::Archived: Portable,
+    {
+        self.check::<T>(FrameKind::Copy)?;
+        debug_assert!(std::mem::align_of::<T::Archived>() <= CELL_BYTES);
+        // SAFETY: the tag matches `T`, and in-process copy frames with a Rust type tag are
+        // only written by `CopySource`, which serialised a `T` with rkyv into exactly these
+        // bytes; the bytes are 16-aligned and end where the archive ends, as rkyv requires.
+        Ok(unsafe { rkyv::api::access_unchecked::<T::Archived>(self.bytes()) })
+    }
+
+    /// Like [`get`](Self::get), but validates the bytes first (for payloads that came
+    /// from outside the process). [`AccessError::Invalid`] if they are not a valid archive.
+    pub fn get_checked<T>(&self) -> Result<&T::Archived, AccessError>
+    where
+        T: Archive + 'static,
+        T::Archived: Portable
+            + for<'b> rkyv::bytecheck::CheckBytes<
+                rkyv::api::high::HighValidator<'b, rkyv::rancor::Error>,
+            >,
+    {
+        self.check::<T>(FrameKind::Copy)?;
+        rkyv::access::<T::Archived, rkyv::rancor::Error>(self.bytes())
+            .map_err(|_| AccessError::Invalid)
+    }
+
+    /// Takes the value of a transfer message: the very allocation the sender boxed.
+    pub fn take<T: Send + 'static>(&mut self) -> Result<Box<T>, AccessError> {
+        self.check::<T>(FrameKind::Transfer)?;
+        if self.taken {
+            return Err(AccessError::AlreadyTaken);
+        }
+        self.taken = true;
+        // SAFETY: a transfer frame with `T`'s tag was written by `send_transfer::<T>` in
+        // this process from `Box::<T>::into_raw`; `taken` guarantees we reclaim it once.
+        unsafe {
+            let t = TransferPayload::decode(&*self.payload_ptr());
+            Ok(Box::from_raw(t.ptr.cast::<T>()))
+        }
+    }
+
+    /// The id of the sending endpoint.
+    pub fn sender_id(&self) -> u32 {
+        self.header.sender
+    }
+
+    /// The sender, if it is still known to the cluster.
+    pub fn sender(&self) -> Option<IsolateRef> {
+        self.ep.cluster.ref_by_id(self.header.sender)
+    }
+
+    /// Where replies go, if anywhere and still known to the cluster.
+    pub fn reply_to(&self) -> Option<IsolateRef> {
+        self.ep.cluster.ref_by_id(self.header.reply_to)
+    }
+
+    /// Replies with a copy of `value` to the message's reply-to endpoint (an isolate or
+    /// any other thread), with the same correlation id. Waits while the ring is full.
+    #[inline]
+    pub fn reply<T: Payload>(&self, value: &T) -> Result<(), SendError> {
+        if self.header.reply_to == 0 {
+            return Err(SendError::UnknownTarget(()));
+        }
+        self.ep.send_copy(
+            Target::Id(self.header.reply_to),
+            value,
+            self.header.correlation,
+            self.ep.shared.id,
+            Mode::Block,
+        )
+    }
+
+    /// Replies by moving `value` to the reply-to endpoint.
+    pub fn reply_transfer<T: Send + 'static>(
+        &self,
+        value: Box<T>,
+    ) -> Result<(), SendError<Box<T>>> {
+        if self.header.reply_to == 0 {
+            return Err(SendError::UnknownTarget(value));
+        }
+        self.ep.send_transfer(
+            Target::Id(self.header.reply_to),
+            value,
+            self.header.correlation,
+            self.ep.shared.id,
+            Mode::Block,
+        )
+    }
+}
+
+impl Drop for Message<'_> {
+    fn drop(&mut self) {
+        if self.header.kind == FrameKind::Transfer && !self.taken {
+            // SAFETY: transfer frame written in this process; the value was not taken, so
+            // this message is its only owner.
+            unsafe {
+                let t = TransferPayload::decode(&*self.payload_ptr());
+                (t.drop_fn)(t.ptr);
+            }
+        }
+        if let Body::Ring { link, cells, .. } = self.body {
+            self.ep.inbound.borrow_mut().release(link, cells);
+        }
+    }
+}
+
+impl fmt::Debug for Message<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Message")
+            .field("kind", &self.header.kind)
+            .field("tag", &format_args!("{:#x}", self.header.tag))
+            .field("len", &self.header.len)
+            .field("sender", &self.header.sender)
+            .field("reply_to", &self.header.reply_to)
+            .field("correlation", &self.header.correlation)
+            .finish()
+    }
+}

@@ -1,0 +1,121 @@
+//! The wake-up protocol between the producers of an endpoint's rings and its consumer.
+//!
+//! One `AtomicU32` per endpoint holds two bits: `PARKED` (the consumer is about to sleep
+//! or sleeping) and `CLOSED` (the endpoint will read no more; see `endpoint.rs`).
+//!
+//! Consumer (the endpoint's own thread), before sleeping:
+//! 1. `prepare_park`: set `PARKED`, then a SeqCst fence;
+//! 2. re-check every ring and the control queue; if anything is there, `cancel_park`;
+//! 3. otherwise `park` until `PARKED` is cleared by a producer (spurious wake-ups loop).
+//!
+//! Producer, after publishing (ring tail store with Release, or control-queue push):
+//! 1. `notify`: a SeqCst fence, then load the state;
+//! 2. if `PARKED` is set, clear it with a swap and, if this producer cleared it, unpark.
+//!
+//! Why no wake-up is lost: the two SeqCst fences order "consumer sets PARKED → consumer
+//! reads the ring tail" against "producer writes the tail → producer reads PARKED". In any
+//! execution one of the fences comes first in the single total order of SeqCst fences;
+//! if the consumer's fence is first, the producer's load sees `PARKED` and unparks; if the
+//! producer's fence is first, the consumer's re-check sees the published tail and does not
+//! sleep. Both may happen (a harmless extra unpark); neither happening is impossible.
+//! `tests/loom_wake.rs` checks this exhaustively under the loom model checker.
+
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use crate::sync::{current, fence, park, park_timeout, AtomicU32, Ordering, Thread};
+
+const PARKED: u32 = 1;
+const CLOSED: u32 = 2;
+
+/// The wake-up state of one endpoint.
+pub struct WakeState {
+    state: AtomicU32,
+    thread: OnceLock<Thread>,
+}
+
+impl WakeState {
+    pub fn new() -> Self {
+        Self {
+            state: AtomicU32::new(0),
+            thread: OnceLock::new(),
+        }
+    }
+
+    /// Records the calling thread as the one to unpark. Called once by the consumer
+    /// thread before it first parks.
+    pub fn register_current_thread(&self) {
+        let _ = self.thread.set(current());
+    }
+
+    /// Producer side, after publishing. Returns whether the endpoint is closed.
+    #[inline]
+    pub fn notify(&self) -> bool {
+        // SYNC POINT with the fence in `prepare_park` (see the module docs).
+        fence(Ordering::SeqCst);
+        let s = self.state.load(Ordering::Relaxed);
+        if s == 0 {
+            return false;
+        }
+        self.notify_slow(s)
+    }
+
+    #[cold]
+    fn notify_slow(&self, s: u32) -> bool {
+        if s & PARKED != 0 && self.state.fetch_and(!PARKED, Ordering::SeqCst) & PARKED != 0 {
+            if let Some(t) = self.thread.get() {
+                t.unpark();
+            }
+        }
+        s & CLOSED != 0
+    }
+
+    /// Consumer side: announce the intent to sleep. The caller must re-check its rings
+    /// afterwards and call [`cancel_park`](Self::cancel_park) or [`park`](Self::park).
+    pub fn prepare_park(&self) {
+        self.state.fetch_or(PARKED, Ordering::SeqCst);
+        // SYNC POINT with the fence in `notify`.
+        fence(Ordering::SeqCst);
+    }
+
+    /// Consumer side: withdraw the intent to sleep.
+    pub fn cancel_park(&self) {
+        self.state.fetch_and(!PARKED, Ordering::SeqCst);
+    }
+
+    /// Consumer side: sleep until a producer clears `PARKED`, or until `deadline`.
+    pub fn park(&self, deadline: Option<Instant>) {
+        while self.state.load(Ordering::Acquire) & PARKED != 0 {
+            match deadline {
+                None => park(),
+                Some(d) => {
+                    let now = Instant::now();
+                    if now >= d {
+                        break;
+                    }
+                    park_timeout(d - now);
+                }
+            }
+        }
+        self.cancel_park();
+    }
+
+    /// Marks the endpoint closed (SeqCst, then a fence: a producer that published before
+    /// this point is seen by the consumer's final drain; one that publishes after it sees
+    /// `CLOSED` in its `notify`).
+    pub fn close(&self) {
+        self.state.fetch_or(CLOSED, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+    }
+
+    /// Whether the endpoint is closed.
+    #[inline]
+    pub fn is_closed(&self) -> bool {
+        self.state.load(Ordering::Acquire) & CLOSED != 0
+    }
+}
+
+/// Parks for at most `d` (used for backoff while waiting for ring space).
+pub(crate) fn nap(d: Duration) {
+    park_timeout(d);
+}
