@@ -546,7 +546,15 @@ impl LocalEndpoint {
             return Err(SendError::Disconnected(()));
         }
         let link = &mut out.links[i];
-        if !link.spill.is_empty() && !link.flush_spill() {
+        if !link.spill.is_empty() {
+            if link.flush_spill() > 0 && link.target.wake.notify() {
+                link.target.drain_after_close();
+            }
+            if link.spill.is_empty() {
+                self.spilled_links.set(self.spilled_links.get() - 1);
+            }
+        }
+        if !link.spill.is_empty() {
             if mode == Mode::Try {
                 bump(&self.shared.counters.full);
                 return Err(SendError::Full(()));
@@ -642,11 +650,10 @@ impl LocalEndpoint {
                     .fetch_add(n, Ordering::Relaxed);
                 continue;
             }
-            if link.flush_spill() {
-                if link.target.wake.notify() {
-                    link.target.drain_after_close();
-                }
-            } else {
+            if link.flush_spill() > 0 && link.target.wake.notify() {
+                link.target.drain_after_close();
+            }
+            if !link.spill.is_empty() {
                 remaining += 1;
             }
         }

@@ -179,18 +179,20 @@ impl OutLink {
         }
     }
 
-    /// Writes spilled frames while they fit. Returns whether the spill is now empty.
-    pub(crate) fn flush_spill(&mut self) -> bool {
+    /// Writes spilled frames while they fit. Returns how many were written; the caller
+    /// must wake the target if any were.
+    pub(crate) fn flush_spill(&mut self) -> usize {
+        let mut written = 0;
         while let Some(mut f) = self.spill.pop_front() {
             match self.write(f.header, &mut f) {
-                WriteOutcome::Written => {}
+                WriteOutcome::Written => written += 1,
                 _ => {
                     self.spill.push_front(f);
-                    return false;
+                    break;
                 }
             }
         }
-        true
+        written
     }
 }
 

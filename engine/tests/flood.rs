@@ -1,0 +1,158 @@
+//! Backpressure: two isolates flooding each other through rings that hold one message.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{expect_message, with_timeout};
+use isolate_cluster::{Cluster, Context, Event, IsolateRef, Properties};
+
+fn peer(ctx: &Context, path: &str) -> IsolateRef {
+    loop {
+        if let Ok(r) = ctx.lookup(path) {
+            return r;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Each side blasts `N` blocking sends at the other before reading anything. A ring of
+/// 64 bytes holds one 8-byte message, so both block at once; each drains its own rings
+/// while blocked, so both finish, and every message arrives once, in order.
+#[test]
+fn cross_flood_through_tiny_rings_loses_nothing() {
+    const N: u64 = 20_000;
+    with_timeout(Duration::from_secs(120), || {
+        let cluster = Cluster::builder().ring_capacity(64).build();
+        let mailbox = cluster.mailbox().unwrap();
+        for (me, other) in [("/a", "/b"), ("/b", "/a")] {
+            let main_ref = mailbox.me().clone();
+            cluster
+                .spawn(me, Properties::new(), move |ctx| {
+                    let other = peer(ctx, other);
+                    for i in 0..N {
+                        ctx.send(&other, &i).unwrap();
+                    }
+                    let mut expect = 0u64;
+                    while expect < N {
+                        if let Some(Event::Message(m)) = ctx.recv() {
+                            assert_eq!(*m.get::<u64>().unwrap(), expect, "FIFO");
+                            expect += 1;
+                        }
+                    }
+                    ctx.send(&main_ref, &expect).unwrap();
+                    while ctx.recv().is_some() {}
+                })
+                .unwrap();
+        }
+        for _ in 0..2 {
+            let n = expect_message(&mailbox, Duration::from_secs(100), |m| {
+                *m.get::<u64>().unwrap()
+            });
+            assert_eq!(n, N);
+        }
+        let stats = cluster.stats();
+        let full: u64 = stats.endpoints.iter().map(|e| e.full).sum();
+        assert!(full > 0, "the rings really were full: {stats:?}");
+        cluster.shutdown();
+        cluster.join(Duration::from_secs(30)).unwrap();
+        assert_eq!(cluster.stats().undelivered, 0);
+    });
+}
+
+/// Handlers that reply while still holding the message they answer, through rings that
+/// hold one message: neither side can free its ring, so blocked sends spill to the heap
+/// instead of deadlocking. Every chain runs to its end: exact counts on both sides.
+#[test]
+fn echo_storm_while_holding_messages_does_not_deadlock() {
+    const CHAINS: u64 = 100;
+    const TTL: u64 = 100;
+    // A chain started by one side with ttl TTL delivers ttl TTL, TTL-2, .., 0 to the
+    // other side (51) and TTL-1, .., 1 back (50).
+    const EXPECTED: u64 = CHAINS * (TTL / 2 + 1) + CHAINS * (TTL / 2);
+    with_timeout(Duration::from_secs(120), || {
+        let cluster = Cluster::builder().ring_capacity(64).build();
+        let mailbox = cluster.mailbox().unwrap();
+        for (me, other) in [("/ping", "/pong"), ("/pong", "/ping")] {
+            let main_ref = mailbox.me().clone();
+            cluster
+                .spawn(me, Properties::new(), move |ctx| {
+                    let other = peer(ctx, other);
+                    for _ in 0..CHAINS {
+                        ctx.send(&other, &TTL).unwrap();
+                    }
+                    let mut received = 0u64;
+                    while received < EXPECTED {
+                        if let Some(Event::Message(m)) = ctx.recv() {
+                            let ttl = *m.get::<u64>().unwrap();
+                            received += 1;
+                            if ttl > 0 {
+                                m.reply(&(ttl - 1)).unwrap();
+                            }
+                        }
+                    }
+                    ctx.send(&main_ref, &received).unwrap();
+                    while ctx.recv().is_some() {}
+                })
+                .unwrap();
+        }
+        for _ in 0..2 {
+            let n = expect_message(&mailbox, Duration::from_secs(100), |m| {
+                *m.get::<u64>().unwrap()
+            });
+            assert_eq!(n, EXPECTED);
+        }
+        cluster.shutdown();
+        cluster.join(Duration::from_secs(30)).unwrap();
+        assert_eq!(cluster.stats().undelivered, 0);
+    });
+}
+
+/// A handler holding a message sends more than the ring to a reader that is not reading:
+/// the sends spill (in order) instead of blocking forever, and the reader later gets all
+/// of them, in order.
+#[test]
+fn blocked_sender_holding_a_message_spills_in_order() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    with_timeout(Duration::from_secs(60), || {
+        let cluster = Cluster::builder().ring_capacity(64).build();
+        let mailbox = cluster.mailbox().unwrap();
+        let done = Arc::new(AtomicBool::new(false));
+        let done2 = done.clone();
+        let x = cluster
+            .spawn("/x", Properties::new(), move |ctx| {
+                if let Some(Event::Message(m)) = ctx.recv() {
+                    for i in 0..10u64 {
+                        m.reply(&i).unwrap();
+                    }
+                    done2.store(true, Ordering::Release);
+                }
+                while ctx.recv().is_some() {}
+            })
+            .unwrap();
+        x.send(&0u64).unwrap();
+        while !done.load(Ordering::Acquire) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        for i in 0..10u64 {
+            let n = expect_message(&mailbox, Duration::from_secs(10), |m| {
+                *m.get::<u64>().unwrap()
+            });
+            assert_eq!(n, i);
+        }
+        let spilled = cluster
+            .stats()
+            .endpoints
+            .iter()
+            .find(|e| e.path == "/x")
+            .unwrap()
+            .spilled;
+        assert!(
+            spilled >= 8,
+            "at most one message fits the ring, one more may be read: {spilled}"
+        );
+        cluster.shutdown();
+        cluster.join(Duration::from_secs(10)).unwrap();
+    });
+}
