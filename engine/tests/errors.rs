@@ -1,0 +1,200 @@
+//! Every bad input gets its own error value.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{expect_message, with_timeout};
+use isolate_cluster::{
+    AccessError, Cluster, Event, LookupError, MailboxError, PathError, Properties, SendError,
+    SpawnError,
+};
+
+const T: Duration = Duration::from_secs(20);
+
+#[test]
+fn invalid_paths_are_rejected_by_spawn_and_lookup() {
+    let cluster = Cluster::single_node();
+    let cases = [
+        ("", PathError::Empty),
+        ("a", PathError::NotAbsolute),
+        ("/", PathError::Root),
+        ("/a//b", PathError::EmptySegment),
+        ("/a/../b", PathError::DotSegment),
+        ("/a/", PathError::TrailingSlash),
+        ("/a\0b", PathError::ControlCharacter),
+    ];
+    for (path, err) in cases {
+        match cluster.spawn(path, Properties::new(), |_| {}) {
+            Err(SpawnError::InvalidPath(e)) => assert_eq!(e, err, "{path:?}"),
+            other => panic!("{path:?}: expected InvalidPath, got {other:?}"),
+        }
+        assert_eq!(cluster.lookup(path), Err(LookupError::InvalidPath(err)));
+    }
+    assert!(cluster.stats().endpoints.is_empty(), "nothing was spawned");
+}
+
+#[test]
+fn duplicate_paths_unknown_lookups_and_late_spawns() {
+    with_timeout(Duration::from_secs(30), || {
+        let cluster = Cluster::single_node();
+        cluster.spawn("/one", Properties::new(), |ctx| while ctx.recv().is_some() {}).unwrap();
+        match cluster.spawn("/one", Properties::new(), |_| {}) {
+            Err(SpawnError::Duplicate(p)) => assert_eq!(p, "/one"),
+            other => panic!("expected Duplicate, got {other:?}"),
+        }
+        assert_eq!(cluster.lookup("/two"), Err(LookupError::NotFound("/two".into())));
+        cluster.shutdown();
+        assert!(matches!(
+            cluster.spawn("/three", Properties::new(), |_| {}),
+            Err(SpawnError::ShuttingDown)
+        ));
+        cluster.join(T).unwrap();
+    });
+}
+
+#[test]
+fn sends_to_a_dead_isolate_fail_with_disconnected() {
+    with_timeout(Duration::from_secs(30), || {
+        let cluster = Cluster::single_node();
+        let gone = cluster.spawn("/gone", Properties::new(), |_| {}).unwrap();
+        gone.wait_down(T).unwrap();
+        assert_eq!(gone.send(&1u8), Err(SendError::Disconnected(())));
+        assert_eq!(gone.try_send(&1u8), Err(SendError::Disconnected(())));
+        match gone.transfer(Box::new(7u32)) {
+            Err(SendError::Disconnected(b)) => assert_eq!(*b, 7, "the box comes back"),
+            other => panic!("expected Disconnected, got {other:?}"),
+        }
+        cluster.join(T).unwrap();
+    });
+}
+
+#[test]
+fn reading_a_message_as_the_wrong_type_is_an_error() {
+    with_timeout(Duration::from_secs(30), || {
+        let cluster = Cluster::single_node();
+        let mailbox = cluster.mailbox().unwrap();
+        let main_ref = mailbox.me().clone();
+        let probe = cluster
+            .spawn("/probe", Properties::new(), move |ctx| {
+                while let Some(Event::Message(mut m)) = ctx.recv() {
+                    let report = if m.is_transfer() {
+                        let not_copy = m.get::<u64>().err();
+                        let wrong = m.take::<u64>().err();
+                        let right = m.take::<String>().map(|s| *s).ok();
+                        let again = m.take::<String>().err();
+                        format!(
+                            "{not_copy:?}|{}|{right:?}|{again:?}",
+                            matches!(wrong, Some(AccessError::TypeMismatch { .. }))
+                        )
+                    } else {
+                        let wrong = m.get::<u32>().err();
+                        let not_transfer = m.take::<u64>().err();
+                        let right = m.get::<u64>().map(|v| v.to_native()).ok();
+                        let checked = m.get_checked::<u64>().map(|v| v.to_native()).ok();
+                        format!(
+                            "{}|{not_transfer:?}|{right:?}|{checked:?}",
+                            matches!(wrong, Some(AccessError::TypeMismatch { .. }))
+                        )
+                    };
+                    ctx.send(&main_ref, &report).unwrap();
+                }
+            })
+            .unwrap();
+        probe.send(&99u64).unwrap();
+        let copy = expect_message(&mailbox, T, |m| m.get::<String>().unwrap().as_str().to_owned());
+        assert_eq!(copy, "true|Some(NotTransfer)|Some(99)|Some(99)");
+        probe.transfer(Box::new(String::from("moved"))).unwrap();
+        let moved = expect_message(&mailbox, T, |m| m.get::<String>().unwrap().as_str().to_owned());
+        assert_eq!(moved, "Some(NotCopy)|true|Some(\"moved\")|Some(AlreadyTaken)");
+        cluster.shutdown();
+        cluster.join(T).unwrap();
+    });
+}
+
+#[test]
+fn oversize_messages_full_rings_and_mailbox_misuse() {
+    with_timeout(Duration::from_secs(30), || {
+        let cluster = Cluster::builder().ring_capacity(256).build();
+        let gate = std::sync::Arc::new(std::sync::Barrier::new(2));
+        let g2 = gate.clone();
+        let slow = cluster
+            .spawn("/slow", Properties::new(), move |ctx| {
+                g2.wait();
+                while ctx.recv().is_some() {}
+            })
+            .unwrap();
+        let big = vec![7u8; 1024];
+        match slow.send(&big) {
+            Err(SendError::TooLarge { capacity, .. }) => assert_eq!(capacity, 256),
+            other => panic!("expected TooLarge, got {other:?}"),
+        }
+        // Fill the ring while the receiver is held at the gate.
+        let mut sent = 0;
+        loop {
+            match slow.try_send(&sent) {
+                Ok(()) => sent += 1,
+                Err(SendError::Full(())) => break,
+                Err(e) => panic!("unexpected {e:?}"),
+            }
+            assert!(sent < 100, "a 256-byte ring cannot take 100 messages");
+        }
+        assert!(sent >= 4, "a 256-byte ring holds several 48-byte frames, got {sent}");
+        match slow.try_transfer(Box::new([1u64; 4])) {
+            Err(SendError::Full(b)) => assert_eq!(*b, [1u64; 4], "the box comes back on Full"),
+            other => panic!("expected Full, got {other:?}"),
+        }
+        let stats = cluster.stats();
+        assert!(stats.endpoints.iter().any(|e| e.full >= 2));
+        gate.wait();
+        let mailbox = cluster.mailbox().unwrap();
+        assert_eq!(cluster.mailbox().err(), Some(MailboxError::InUse));
+        drop(mailbox);
+        assert!(cluster.mailbox().is_ok());
+        cluster.shutdown();
+        cluster.join(T).unwrap();
+        assert_eq!(cluster.stats().undelivered, 0);
+    });
+}
+
+#[test]
+fn replies_to_a_thread_that_has_gone_are_errors() {
+    with_timeout(Duration::from_secs(30), || {
+        let cluster = Cluster::single_node();
+        let mailbox = cluster.mailbox().unwrap();
+        let main_ref = mailbox.me().clone();
+        let gate = std::sync::Arc::new(std::sync::Barrier::new(2));
+        let g2 = gate.clone();
+        let echo = cluster
+            .spawn("/echo", Properties::new(), move |ctx| {
+                while let Some(Event::Message(m)) = ctx.recv() {
+                    if *m.get::<u8>().unwrap() == 1 {
+                        g2.wait();
+                    }
+                    let r = m.reply(&1u8);
+                    ctx.send(&main_ref, &format!("{r:?}")).unwrap();
+                }
+            })
+            .unwrap();
+        let e2 = echo.clone();
+        std::thread::spawn(move || e2.send(&1u8).unwrap()).join().unwrap();
+        gate.wait();
+        let first = expect_message(&mailbox, T, |m| m.get::<String>().unwrap().as_str().to_owned());
+        assert_eq!(first, "Err(UnknownTarget(..))");
+        echo.send(&0u8).unwrap();
+        let mut texts = Vec::new();
+        let mut replies = 0;
+        for _ in 0..2 {
+            expect_message(&mailbox, T, |m| match m.get::<String>() {
+                Ok(s) => texts.push(s.as_str().to_owned()),
+                Err(_) => {
+                    assert_eq!(*m.get::<u8>().unwrap(), 1);
+                    replies += 1;
+                }
+            });
+        }
+        assert_eq!((texts, replies), (vec!["Ok(())".to_owned()], 1));
+        cluster.shutdown();
+        cluster.join(T).unwrap();
+    });
+}
