@@ -62,7 +62,7 @@ impl WakeState {
 
     #[cold]
     fn notify_slow(&self, s: u32) -> bool {
-        if s & PARKED != 0 && self.state.fetch_and(!PARKED, Ordering::SeqCst) & PARKED != 0 {
+        if s & PARKED != 0 && self.state.fetch_and(!PARKED, Ordering::AcqRel) & PARKED != 0 {
             if let Some(t) = self.thread.get() {
                 t.unpark();
             }
@@ -73,14 +73,14 @@ impl WakeState {
     /// Consumer side: announce the intent to sleep. The caller must re-check its rings
     /// afterwards and call [`cancel_park`](Self::cancel_park) or [`park`](Self::park).
     pub fn prepare_park(&self) {
-        self.state.fetch_or(PARKED, Ordering::SeqCst);
+        self.state.fetch_or(PARKED, Ordering::Relaxed);
         // SYNC POINT with the fence in `notify`.
         fence(Ordering::SeqCst);
     }
 
     /// Consumer side: withdraw the intent to sleep.
     pub fn cancel_park(&self) {
-        self.state.fetch_and(!PARKED, Ordering::SeqCst);
+        self.state.fetch_and(!PARKED, Ordering::Relaxed);
     }
 
     /// Consumer side: sleep until a producer clears `PARKED`, or until `deadline`.
@@ -100,11 +100,12 @@ impl WakeState {
         self.cancel_park();
     }
 
-    /// Marks the endpoint closed (SeqCst, then a fence: a producer that published before
+    /// Marks the endpoint closed, then a SeqCst fence: a producer that published before
     /// this point is seen by the consumer's final drain; one that publishes after it sees
     /// `CLOSED` in its `notify`).
     pub fn close(&self) {
-        self.state.fetch_or(CLOSED, Ordering::SeqCst);
+        self.state.fetch_or(CLOSED, Ordering::Relaxed);
+        // SYNC POINT with the fence in `notify`.
         fence(Ordering::SeqCst);
     }
 

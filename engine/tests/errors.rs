@@ -38,12 +38,21 @@ fn invalid_paths_are_rejected_by_spawn_and_lookup() {
 fn duplicate_paths_unknown_lookups_and_late_spawns() {
     with_timeout(Duration::from_secs(30), || {
         let cluster = Cluster::single_node();
-        cluster.spawn("/one", Properties::new(), |ctx| while ctx.recv().is_some() {}).unwrap();
+        cluster
+            .spawn(
+                "/one",
+                Properties::new(),
+                |ctx| while ctx.recv().is_some() {},
+            )
+            .unwrap();
         match cluster.spawn("/one", Properties::new(), |_| {}) {
             Err(SpawnError::Duplicate(p)) => assert_eq!(p, "/one"),
             other => panic!("expected Duplicate, got {other:?}"),
         }
-        assert_eq!(cluster.lookup("/two"), Err(LookupError::NotFound("/two".into())));
+        assert_eq!(
+            cluster.lookup("/two"),
+            Err(LookupError::NotFound("/two".into()))
+        );
         cluster.shutdown();
         assert!(matches!(
             cluster.spawn("/three", Properties::new(), |_| {}),
@@ -102,11 +111,18 @@ fn reading_a_message_as_the_wrong_type_is_an_error() {
             })
             .unwrap();
         probe.send(&99u64).unwrap();
-        let copy = expect_message(&mailbox, T, |m| m.get::<String>().unwrap().as_str().to_owned());
+        let copy = expect_message(&mailbox, T, |m| {
+            m.get::<String>().unwrap().as_str().to_owned()
+        });
         assert_eq!(copy, "true|Some(NotTransfer)|Some(99)|Some(99)");
         probe.transfer(Box::new(String::from("moved"))).unwrap();
-        let moved = expect_message(&mailbox, T, |m| m.get::<String>().unwrap().as_str().to_owned());
-        assert_eq!(moved, "Some(NotCopy)|true|Some(\"moved\")|Some(AlreadyTaken)");
+        let moved = expect_message(&mailbox, T, |m| {
+            m.get::<String>().unwrap().as_str().to_owned()
+        });
+        assert_eq!(
+            moved,
+            "Some(NotCopy)|true|Some(\"moved\")|Some(AlreadyTaken)"
+        );
         cluster.shutdown();
         cluster.join(T).unwrap();
     });
@@ -139,7 +155,10 @@ fn oversize_messages_full_rings_and_mailbox_misuse() {
             }
             assert!(sent < 100, "a 256-byte ring cannot take 100 messages");
         }
-        assert!(sent >= 4, "a 256-byte ring holds several 48-byte frames, got {sent}");
+        assert!(
+            sent >= 4,
+            "a 256-byte ring holds several 48-byte frames, got {sent}"
+        );
         match slow.try_transfer(Box::new([1u64; 4])) {
             Err(SendError::Full(b)) => assert_eq!(*b, [1u64; 4], "the box comes back on Full"),
             other => panic!("expected Full, got {other:?}"),
@@ -177,9 +196,13 @@ fn replies_to_a_thread_that_has_gone_are_errors() {
             })
             .unwrap();
         let e2 = echo.clone();
-        std::thread::spawn(move || e2.send(&1u8).unwrap()).join().unwrap();
+        std::thread::spawn(move || e2.send(&1u8).unwrap())
+            .join()
+            .unwrap();
         gate.wait();
-        let first = expect_message(&mailbox, T, |m| m.get::<String>().unwrap().as_str().to_owned());
+        let first = expect_message(&mailbox, T, |m| {
+            m.get::<String>().unwrap().as_str().to_owned()
+        });
         assert_eq!(first, "Err(UnknownTarget(..))");
         echo.send(&0u8).unwrap();
         let mut texts = Vec::new();
