@@ -190,11 +190,14 @@ pub(crate) struct Inbound {
     pub events: VecDeque<Control>,
     cursor: usize,
     burst: usize,
+    since_event: usize,
     pub held: usize,
 }
 
 /// Frames delivered from one link before the receiver moves on to the next.
 const BURST: usize = 32;
+/// Messages delivered at most while an event waits.
+const EVENT_EVERY: usize = 64;
 
 /// What one poll of the inbox found.
 pub(crate) enum Polled {
@@ -239,22 +242,35 @@ impl Inbound {
         if shared.control_pending() {
             self.accept(shared.take_control());
         }
-        if let Some(ev) = self.events.front() {
-            // A down event waits until everything its isolate sent before dying is read.
-            if let Control::Down(r, _) = ev {
-                let id = r.id();
-                if let Some(i) = self
-                    .links
-                    .iter()
-                    .position(|l| l.source == id && l.has_data())
-                {
-                    if let Some(p) = self.take_from(i) {
-                        return Some(p);
-                    }
+        // Messages first (what was sent before an event is usually read before it), but
+        // events never wait behind more than `EVENT_EVERY` messages.
+        if self.events.is_empty() || self.since_event < EVENT_EVERY {
+            if let Some(p) = self.poll_links() {
+                self.since_event += 1;
+                return Some(p);
+            }
+        }
+        self.since_event = 0;
+        let ev = self.events.pop_front()?;
+        // A down event waits until everything its isolate sent before dying is read.
+        if let Control::Down(r, _) = &ev {
+            let id = r.id();
+            if let Some(i) = self
+                .links
+                .iter()
+                .position(|l| l.source == id && l.has_data())
+            {
+                if let Some(p) = self.take_from(i) {
+                    self.events.push_front(ev);
+                    return Some(p);
                 }
             }
-            return self.events.pop_front().map(Polled::Event);
         }
+        Some(Polled::Event(ev))
+    }
+
+    #[inline]
+    fn poll_links(&mut self) -> Option<Polled> {
         let n = self.links.len();
         for k in 0..n {
             let i = (self.cursor + k) % n;
@@ -442,6 +458,7 @@ impl LocalEndpoint {
                 events: VecDeque::new(),
                 cursor: 0,
                 burst: 0,
+                since_event: 0,
                 held: 0,
             }),
             outbound: RefCell::new(Outbound {
@@ -745,27 +762,37 @@ impl LocalEndpoint {
         p
     }
 
-    /// Waits for work per the wait strategy, until `deadline`. Returns at once if there
-    /// may be work; spurious returns are fine (the caller polls again).
-    pub(crate) fn idle(&self, idle_since: Instant, round: &mut u32, deadline: Option<Instant>) {
+    /// Waits a little for work per the wait strategy. Returns `false` once `deadline`
+    /// has passed. Spurious returns are fine (the caller polls again). The clock is read
+    /// only every 64 rounds, so spinning stays a tight loop.
+    pub(crate) fn idle(&self, idle: &mut IdleState, deadline: Option<Instant>) -> bool {
+        idle.round = idle.round.wrapping_add(1);
+        if idle.round % 64 != 0 {
+            match self.strategy {
+                WaitStrategy::Yield => std::thread::yield_now(),
+                _ => std::hint::spin_loop(),
+            }
+            return true;
+        }
+        let now = Instant::now();
+        if deadline.is_some_and(|d| now >= d) {
+            return false;
+        }
+        let since = *idle.since.get_or_insert(now);
         match self.strategy {
             WaitStrategy::BusySpin => std::hint::spin_loop(),
             WaitStrategy::Yield => std::thread::yield_now(),
             WaitStrategy::SpinThenPark { spin } => {
-                if idle_since.elapsed() < spin {
-                    *round += 1;
-                    if *round % 64 == 0 {
-                        std::thread::yield_now();
-                    } else {
-                        std::hint::spin_loop();
-                    }
-                    return;
+                if now - since < spin {
+                    // Let other threads of an oversubscribed core run now and then.
+                    std::thread::yield_now();
+                    return true;
                 }
                 self.inbound.borrow_mut().prune();
                 self.shared.wake.prepare_park();
                 if self.inbound.borrow().has_data() || self.shared.control_pending() {
                     self.shared.wake.cancel_park();
-                    return;
+                    return true;
                 }
                 // With spilled frames to write, wake up now and then to retry.
                 let deadline = if self.spilled_links.get() > 0 {
@@ -777,6 +804,7 @@ impl LocalEndpoint {
                 self.shared.wake.park(deadline);
             }
         }
+        true
     }
 
     /// Tears the endpoint down: flushes what spilled frames it can, closes it, drains and
@@ -814,6 +842,13 @@ impl Drop for LocalEndpoint {
     fn drop(&mut self) {
         self.teardown();
     }
+}
+
+/// Where a receiver is in its wait.
+#[derive(Default)]
+pub(crate) struct IdleState {
+    round: u32,
+    since: Option<Instant>,
 }
 
 /// Backoff while waiting for ring space: spin, then yield, then nap up to 1 ms.

@@ -8,7 +8,7 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use crate::cluster::{ClusterInner, Stats};
-use crate::endpoint::{Control, LocalEndpoint, Mode, Polled, Target};
+use crate::endpoint::{Control, IdleState, LocalEndpoint, Mode, Polled, Target};
 use crate::error::{LookupError, SendError, SpawnError};
 use crate::isolate::IsolateRef;
 use crate::message::{Body, Event, Message};
@@ -73,8 +73,7 @@ impl Inbox {
     }
 
     fn next(&self, deadline: Option<Instant>, wait: bool) -> Option<Event<'_>> {
-        let mut idle_since: Option<Instant> = None;
-        let mut round = 0u32;
+        let mut idle = IdleState::default();
         loop {
             if self.finished.get() {
                 return None;
@@ -118,15 +117,9 @@ impl Inbox {
                 self.finished.set(true);
                 return None;
             }
-            if !wait {
+            if !wait || !self.ep.idle(&mut idle, deadline) {
                 return None;
             }
-            let now = Instant::now();
-            if deadline.is_some_and(|d| now >= d) {
-                return None;
-            }
-            let since = *idle_since.get_or_insert(now);
-            self.ep.idle(since, &mut round, deadline);
         }
     }
 
