@@ -419,6 +419,15 @@ fn build_owned(
     }
 }
 
+/// The header fields a sender chooses (the sender id and length are filled in).
+#[derive(Clone, Copy)]
+pub(crate) struct Meta {
+    pub kind: FrameKind,
+    pub tag: TypeTag,
+    pub correlation: u64,
+    pub reply_to: u32,
+}
+
 /// How a send behaves when the ring is full.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Mode {
@@ -540,10 +549,7 @@ impl LocalEndpoint {
     pub(crate) fn send(
         &self,
         target: Target<'_>,
-        kind: FrameKind,
-        tag: TypeTag,
-        correlation: u64,
-        reply_to: u32,
+        meta: Meta,
         src: &mut impl FrameSource,
         mode: Mode,
     ) -> Result<(), SendError> {
@@ -552,11 +558,11 @@ impl LocalEndpoint {
         let i = self.link_index(out, &target)?;
         let header = FrameHeader {
             len: 0,
-            kind,
-            tag,
+            kind: meta.kind,
+            tag: meta.tag,
             sender: self.shared.id,
-            reply_to,
-            correlation,
+            reply_to: meta.reply_to,
+            correlation: meta.correlation,
         };
         if out.links[i].target.wake.is_closed() {
             self.remove_link(out, i);
@@ -692,15 +698,13 @@ impl LocalEndpoint {
             value,
             arena: &mut arena,
         };
-        self.send(
-            target,
-            FrameKind::Copy,
-            crate::frame::type_tag::<T>(),
+        let meta = Meta {
+            kind: FrameKind::Copy,
+            tag: crate::frame::type_tag::<T>(),
             correlation,
             reply_to,
-            &mut src,
-            mode,
-        )
+        };
+        self.send(target, meta, &mut src, mode)
     }
 
     /// Sends raw bytes with an application tag (top bit clear, see [`TypeTag`]).
@@ -711,15 +715,13 @@ impl LocalEndpoint {
         bytes: &[u8],
         mode: Mode,
     ) -> Result<(), SendError> {
-        self.send(
-            target,
-            FrameKind::Copy,
+        let meta = Meta {
+            kind: FrameKind::Copy,
             tag,
-            0,
-            self.shared.id,
-            &mut BytesSource(bytes),
-            mode,
-        )
+            correlation: 0,
+            reply_to: self.shared.id,
+        };
+        self.send(target, meta, &mut BytesSource(bytes), mode)
     }
 
     /// Moves `value` (only its pointer travels).
@@ -736,16 +738,13 @@ impl LocalEndpoint {
             ptr: ptr.cast::<u8>(),
             drop_fn: crate::frame::drop_box::<T>,
         });
-        self.send(
-            target,
-            FrameKind::Transfer,
-            crate::frame::type_tag::<T>(),
+        let meta = Meta {
+            kind: FrameKind::Transfer,
+            tag: crate::frame::type_tag::<T>(),
             correlation,
             reply_to,
-            &mut src,
-            mode,
-        )
-        .map_err(|e| {
+        };
+        self.send(target, meta, &mut src, mode).map_err(|e| {
             // SAFETY: the send failed, so no frame holds `ptr`: we still own the box.
             e.map(|()| unsafe { Box::from_raw(ptr) })
         })

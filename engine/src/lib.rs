@@ -57,6 +57,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
 
+mod barrier;
 mod cluster;
 mod endpoint;
 mod error;

@@ -4,26 +4,28 @@
 //! or sleeping) and `CLOSED` (the endpoint will read no more; see `endpoint.rs`).
 //!
 //! Consumer (the endpoint's own thread), before sleeping:
-//! 1. `prepare_park`: set `PARKED`, then a SeqCst fence;
+//! 1. `prepare_park`: set `PARKED`, then a heavy barrier (see `barrier.rs`);
 //! 2. re-check every ring and the control queue; if anything is there, `cancel_park`;
 //! 3. otherwise `park` until `PARKED` is cleared by a producer (spurious wake-ups loop).
 //!
 //! Producer, after publishing (ring tail store with Release, or control-queue push):
-//! 1. `notify`: a SeqCst fence, then load the state;
+//! 1. `notify`: a light barrier, then load the state;
 //! 2. if `PARKED` is set, clear it with a swap and, if this producer cleared it, unpark.
 //!
-//! Why no wake-up is lost: the two SeqCst fences order "consumer sets PARKED → consumer
-//! reads the ring tail" against "producer writes the tail → producer reads PARKED". In any
-//! execution one of the fences comes first in the single total order of SeqCst fences;
-//! if the consumer's fence is first, the producer's load sees `PARKED` and unparks; if the
-//! producer's fence is first, the consumer's re-check sees the published tail and does not
-//! sleep. Both may happen (a harmless extra unpark); neither happening is impossible.
+//! Why no wake-up is lost: the barriers order "consumer sets PARKED → consumer reads the
+//! ring tail" against "producer writes the tail → producer reads PARKED". With SeqCst
+//! fences on both sides, one fence comes first in their single total order; if the
+//! consumer's is first, the producer's load sees `PARKED` and unparks; if the producer's
+//! is first, the consumer's re-check sees the published tail and does not sleep. The
+//! asymmetric pair (compiler fence + `membarrier`) gives the same guarantee. Both may
+//! happen (a harmless extra unpark); neither happening is impossible.
 //! `tests/loom_wake.rs` checks this exhaustively under the loom model checker.
 
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use crate::sync::{current, fence, park, park_timeout, AtomicU32, Ordering, Thread};
+use crate::barrier;
+use crate::sync::{current, park, park_timeout, AtomicU32, Ordering, Thread};
 
 const PARKED: u32 = 1;
 const CLOSED: u32 = 2;
@@ -36,6 +38,7 @@ pub struct WakeState {
 
 impl WakeState {
     pub fn new() -> Self {
+        barrier::init();
         Self {
             state: AtomicU32::new(0),
             thread: OnceLock::new(),
@@ -51,8 +54,8 @@ impl WakeState {
     /// Producer side, after publishing. Returns whether the endpoint is closed.
     #[inline]
     pub fn notify(&self) -> bool {
-        // SYNC POINT with the fence in `prepare_park` (see the module docs).
-        fence(Ordering::SeqCst);
+        // SYNC POINT with the heavy barrier in `prepare_park` and `close`.
+        barrier::light();
         let s = self.state.load(Ordering::Relaxed);
         if s == 0 {
             return false;
@@ -74,8 +77,8 @@ impl WakeState {
     /// afterwards and call [`cancel_park`](Self::cancel_park) or [`park`](Self::park).
     pub fn prepare_park(&self) {
         self.state.fetch_or(PARKED, Ordering::Relaxed);
-        // SYNC POINT with the fence in `notify`.
-        fence(Ordering::SeqCst);
+        // SYNC POINT with the light barrier in `notify`.
+        barrier::heavy();
     }
 
     /// Consumer side: withdraw the intent to sleep.
@@ -105,8 +108,8 @@ impl WakeState {
     /// `CLOSED` in its `notify`).
     pub fn close(&self) {
         self.state.fetch_or(CLOSED, Ordering::Relaxed);
-        // SYNC POINT with the fence in `notify`.
-        fence(Ordering::SeqCst);
+        // SYNC POINT with the light barrier in `notify`.
+        barrier::heavy();
     }
 
     /// Whether the endpoint is closed.

@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use isolate_cluster::{Event, Inbox};
 
@@ -35,14 +35,10 @@ pub fn expect_message<R>(
     limit: Duration,
     f: impl FnOnce(&isolate_cluster::Message<'_>) -> R,
 ) -> R {
-    let deadline = Instant::now() + limit;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match inbox.recv_timeout(left) {
-            Some(Event::Message(m)) => return f(&m),
-            Some(other) => panic!("expected a message, got {other:?}"),
-            None => panic!("no message within {limit:?}"),
-        }
+    match inbox.recv_timeout(limit) {
+        Some(Event::Message(m)) => f(&m),
+        Some(other) => panic!("expected a message, got {other:?}"),
+        None => panic!("no message within {limit:?}"),
     }
 }
 
