@@ -191,6 +191,7 @@ pub(crate) struct Inbound {
     cursor: usize,
     burst: usize,
     since_event: usize,
+    shutdown_requested: bool,
     pub held: usize,
 }
 
@@ -213,13 +214,16 @@ impl Inbound {
                 Control::NewLink(consumer, source) => {
                     self.links.push(InLink::new(consumer, source))
                 }
+                Control::Shutdown => self.shutdown_requested = true,
                 other => self.events.push_back(other),
             }
         }
     }
 
     fn has_data(&self) -> bool {
-        !self.events.is_empty() || self.links.iter().any(|l| !l.held && l.has_data())
+        !self.events.is_empty()
+            || self.shutdown_requested
+            || self.links.iter().any(|l| !l.held && l.has_data())
     }
 
     /// Takes one frame from link `i`, marking the link held when read in place.
@@ -251,7 +255,12 @@ impl Inbound {
             }
         }
         self.since_event = 0;
-        let ev = self.events.pop_front()?;
+        let Some(ev) = self.events.pop_front() else {
+            // The rings are empty (polled just above): the shutdown request comes last,
+            // after every message that was already in them.
+            return std::mem::take(&mut self.shutdown_requested)
+                .then_some(Polled::Event(Control::Shutdown));
+        };
         // A down event waits until everything its isolate sent before dying is read.
         if let Control::Down(r, _) = &ev {
             let id = r.id();
@@ -468,6 +477,7 @@ impl LocalEndpoint {
                 cursor: 0,
                 burst: 0,
                 since_event: 0,
+                shutdown_requested: false,
                 held: 0,
             }),
             outbound: RefCell::new(Outbound {
@@ -500,6 +510,9 @@ impl LocalEndpoint {
                 None => return Err(SendError::UnknownTarget(())),
             },
         };
+        if endpoint.wake.is_closed() {
+            return Err(SendError::Disconnected(()));
+        }
         let (producer, consumer) = new_ring(self.cluster.config.ring_cells);
         if endpoint
             .enqueue(Control::NewLink(consumer, self.shared.id))

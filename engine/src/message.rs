@@ -18,7 +18,8 @@ pub enum Event<'a> {
     IsolateUp(IsolateRef),
     /// A watched isolate went down, and why. Everything it sent before is delivered first.
     IsolateDown(IsolateRef, DownReason),
-    /// The node asks this isolate to shut down.
+    /// The node asks this isolate to shut down. It comes after every message that was
+    /// already waiting in the isolate's rings when the request arrived.
     ShutdownRequested,
 }
 

@@ -358,3 +358,25 @@ fn every_wait_strategy_delivers() {
         );
     });
 }
+
+#[test]
+fn dropping_the_cluster_never_hangs_on_an_isolate_that_ignores_shutdown() {
+    with_timeout(Duration::from_secs(30), || {
+        let cluster = Cluster::builder().drop_timeout(Duration::from_millis(300)).build();
+        let stubborn = cluster
+            .spawn("/stubborn", Properties::new(), |ctx| {
+                ctx.on_shutdown_request(|_| {});
+                while ctx.recv().is_some() {}
+            })
+            .unwrap();
+        cluster.shutdown();
+        assert!(matches!(
+            cluster.join(Duration::from_millis(100)),
+            Err(isolate_cluster::JoinError::Timeout { running }) if running == ["/stubborn"]
+        ));
+        let t = std::time::Instant::now();
+        drop(cluster);
+        assert!(t.elapsed() < Duration::from_secs(10), "drop waited {:?}", t.elapsed());
+        assert!(stubborn.is_alive(), "the isolate still runs; the program may exit");
+    });
+}
