@@ -281,8 +281,11 @@ impl Inbound {
     #[inline]
     fn poll_links(&mut self) -> Option<Polled> {
         let n = self.links.len();
-        for k in 0..n {
-            let i = (self.cursor + k) % n;
+        let mut i = self.cursor;
+        for _ in 0..n {
+            if i >= n {
+                i = 0;
+            }
             if let Some(p) = self.take_from(i) {
                 if i == self.cursor {
                     self.burst += 1;
@@ -291,11 +294,12 @@ impl Inbound {
                     self.burst = 1;
                 }
                 if self.burst >= BURST {
-                    self.cursor = (i + 1) % n;
+                    self.cursor = i + 1;
                     self.burst = 0;
                 }
                 return Some(p);
             }
+            i += 1;
         }
         None
     }
@@ -667,10 +671,15 @@ impl LocalEndpoint {
     }
 
     /// Writes spilled frames that fit now.
+    #[inline]
     pub(crate) fn flush_spills(&self) {
-        if self.spilled_links.get() == 0 {
-            return;
+        if self.spilled_links.get() != 0 {
+            self.flush_spills_slow();
         }
+    }
+
+    #[cold]
+    fn flush_spills_slow(&self) {
         let mut out = self.outbound.borrow_mut();
         let mut remaining = 0;
         for link in out.links.iter_mut().filter(|l| !l.spill.is_empty()) {

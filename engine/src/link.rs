@@ -149,7 +149,10 @@ impl OutLink {
                         // 2..cells hold the `len` payload bytes `fill` wrote; the tail of the
                         // last cell is padding that no reader interprets.
                         unsafe { chunk.commit(cells) };
-                        self.pos = (self.pos + cells) % self.cap;
+                        self.pos += cells;
+                        if self.pos == self.cap {
+                            self.pos = 0;
+                        }
                         return WriteOutcome::Written;
                     }
                     Err(RingError::Failed) => return WriteOutcome::Failed,

@@ -362,7 +362,9 @@ fn every_wait_strategy_delivers() {
 #[test]
 fn dropping_the_cluster_never_hangs_on_an_isolate_that_ignores_shutdown() {
     with_timeout(Duration::from_secs(30), || {
-        let cluster = Cluster::builder().drop_timeout(Duration::from_millis(300)).build();
+        let cluster = Cluster::builder()
+            .drop_timeout(Duration::from_millis(300))
+            .build();
         let stubborn = cluster
             .spawn("/stubborn", Properties::new(), |ctx| {
                 ctx.on_shutdown_request(|_| {});
@@ -376,7 +378,14 @@ fn dropping_the_cluster_never_hangs_on_an_isolate_that_ignores_shutdown() {
         ));
         let t = std::time::Instant::now();
         drop(cluster);
-        assert!(t.elapsed() < Duration::from_secs(10), "drop waited {:?}", t.elapsed());
-        assert!(stubborn.is_alive(), "the isolate still runs; the program may exit");
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "drop waited {:?}",
+            t.elapsed()
+        );
+        assert!(
+            stubborn.is_alive(),
+            "the isolate still runs; the program may exit"
+        );
     });
 }
