@@ -735,12 +735,13 @@ impl LocalEndpoint {
         target: Target<'_>,
         tag: TypeTag,
         bytes: &[u8],
+        correlation: u64,
         mode: Mode,
     ) -> Result<(), SendError> {
         let meta = Meta {
             kind: FrameKind::Copy,
             tag,
-            correlation: 0,
+            correlation,
             reply_to: self.shared.id,
         };
         self.send(target, meta, &mut BytesSource(bytes), mode)
@@ -805,8 +806,7 @@ impl LocalEndpoint {
             WaitStrategy::Yield => std::thread::yield_now(),
             WaitStrategy::SpinThenPark { spin } => {
                 if now - since < spin {
-                    // Let other threads of an oversubscribed core run now and then.
-                    std::thread::yield_now();
+                    std::hint::spin_loop();
                     return true;
                 }
                 self.inbound.borrow_mut().prune();

@@ -185,7 +185,7 @@ impl Inbox {
         bytes: &[u8],
     ) -> Result<(), SendError> {
         self.ep
-            .send_bytes(Target::Ref(target), tag, bytes, Mode::Block)
+            .send_bytes(Target::Ref(target), tag, bytes, 0, Mode::Block)
     }
 
     /// Moves `value` to `target`; only the pointer travels.

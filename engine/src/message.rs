@@ -197,6 +197,21 @@ impl<'a> Message<'a> {
         )
     }
 
+    /// Replies with raw bytes and an explicit tag (for example the bytes and tag of this
+    /// very message, to echo it).
+    pub fn reply_bytes(&self, tag: TypeTag, bytes: &[u8]) -> Result<(), SendError> {
+        if self.header.reply_to == 0 {
+            return Err(SendError::UnknownTarget(()));
+        }
+        self.ep.send_bytes(
+            Target::Id(self.header.reply_to),
+            tag,
+            bytes,
+            self.header.correlation,
+            Mode::Block,
+        )
+    }
+
     /// Replies by moving `value` to the reply-to endpoint.
     pub fn reply_transfer<T: Send + 'static>(
         &self,

@@ -1,0 +1,760 @@
+//! The latency cases: each runs a ping-pong on the pinned core pair and returns the
+//! histogram of round trips measured on the ping side.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use isolate_cluster::{Cluster, Context, CorePolicy, Event, Payload, Properties, WaitStrategy};
+
+use crate::report::Case;
+use crate::{cpu_time, histogram, pin, record, record_since, rss_bytes, spin_until, Config};
+
+type Cores = [core_affinity::CoreId; 2];
+
+/// Runs `pong` pinned to core 0 and `ping` pinned to core 1; returns ping's histogram.
+fn pair<P, Q>(cores: Cores, pong: P, ping: Q) -> Histogram<u64>
+where
+    P: FnOnce() + Send + 'static,
+    Q: FnOnce() -> Histogram<u64> + Send + 'static,
+{
+    let c0 = cores[0];
+    let c1 = cores[1];
+    let pong = thread::spawn(move || {
+        pin(c0);
+        pong()
+    });
+    let ping = thread::spawn(move || {
+        pin(c1);
+        ping()
+    });
+    let h = ping.join().expect("ping side");
+    pong.join().expect("pong side");
+    h
+}
+
+/// The floor: two threads handing one atomic word back and forth.
+pub fn floor(cfg: Config, cores: Cores) -> Histogram<u64> {
+    let turn = Arc::new(AtomicU64::new(0));
+    let t2 = turn.clone();
+    let n = (cfg.warmup + cfg.samples) as u64;
+    pair(
+        cores,
+        move || {
+            for i in 0..n {
+                while t2.load(Ordering::Acquire) != 2 * i + 1 {
+                    std::hint::spin_loop();
+                }
+                t2.store(2 * i + 2, Ordering::Release);
+            }
+        },
+        move || {
+            let mut h = histogram();
+            for i in 0..n {
+                let t = Instant::now();
+                turn.store(2 * i + 1, Ordering::Release);
+                while turn.load(Ordering::Acquire) != 2 * i + 2 {
+                    std::hint::spin_loop();
+                }
+                if i as usize >= cfg.warmup {
+                    record_since(&mut h, t);
+                }
+            }
+            h
+        },
+    )
+}
+
+/// Raw `rtrb`: a ring each way, spinning on `pop`.
+pub fn raw_rtrb(cfg: Config, cores: Cores) -> Histogram<u64> {
+    let (mut to_pong, mut from_ping) = rtrb::RingBuffer::<u64>::new(4096);
+    let (mut to_ping, mut from_pong) = rtrb::RingBuffer::<u64>::new(4096);
+    let n = (cfg.warmup + cfg.samples) as u64;
+    pair(
+        cores,
+        move || {
+            for _ in 0..n {
+                let v = loop {
+                    match from_ping.pop() {
+                        Ok(v) => break v,
+                        Err(_) => std::hint::spin_loop(),
+                    }
+                };
+                while to_ping.push(v).is_err() {}
+            }
+        },
+        move || {
+            let mut h = histogram();
+            for i in 0..n {
+                let t = Instant::now();
+                while to_pong.push(i).is_err() {}
+                loop {
+                    match from_pong.pop() {
+                        Ok(v) => {
+                            debug_assert_eq!(v, i);
+                            break;
+                        }
+                        Err(_) => std::hint::spin_loop(),
+                    }
+                }
+                if i as usize >= cfg.warmup {
+                    record_since(&mut h, t);
+                }
+            }
+            h
+        },
+    )
+}
+
+/// `crossbeam-channel` bounded, blocking `recv` (spins, then blocks).
+pub fn crossbeam(cfg: Config, cores: Cores) -> Histogram<u64> {
+    let (to_pong, from_ping) = crossbeam_channel::bounded::<u64>(1024);
+    let (to_ping, from_pong) = crossbeam_channel::bounded::<u64>(1024);
+    let n = (cfg.warmup + cfg.samples) as u64;
+    pair(
+        cores,
+        move || {
+            for _ in 0..n {
+                let v = from_ping.recv().expect("ping alive");
+                to_ping.send(v).expect("ping alive");
+            }
+        },
+        move || {
+            let mut h = histogram();
+            for i in 0..n {
+                let t = Instant::now();
+                to_pong.send(i).expect("pong alive");
+                from_pong.recv().expect("pong alive");
+                if i as usize >= cfg.warmup {
+                    record_since(&mut h, t);
+                }
+            }
+            h
+        },
+    )
+}
+
+/// `std::sync::mpsc::sync_channel`, blocking `recv`.
+pub fn std_mpsc(cfg: Config, cores: Cores) -> Histogram<u64> {
+    let (to_pong, from_ping) = std::sync::mpsc::sync_channel::<u64>(1024);
+    let (to_ping, from_pong) = std::sync::mpsc::sync_channel::<u64>(1024);
+    // Parking channels are slow: fewer samples keep the full run short.
+    let warmup = cfg.warmup / 4;
+    let samples = cfg.samples / 4;
+    let n = (warmup + samples) as u64;
+    pair(
+        cores,
+        move || {
+            for _ in 0..n {
+                let v = from_ping.recv().expect("ping alive");
+                to_ping.send(v).expect("ping alive");
+            }
+        },
+        move || {
+            let mut h = histogram();
+            for i in 0..n {
+                let t = Instant::now();
+                to_pong.send(i).expect("pong alive");
+                from_pong.recv().expect("pong alive");
+                if i as usize >= warmup {
+                    record_since(&mut h, t);
+                }
+            }
+            h
+        },
+    )
+}
+
+/// Two threads that park until the other unparks them (a futex wake each way).
+pub fn park_unpark(cfg: Config, cores: Cores) -> Histogram<u64> {
+    let warmup = cfg.warmup / 10;
+    let samples = cfg.samples / 10;
+    let n = (warmup + samples) as u64;
+    let turn = Arc::new(AtomicU64::new(0));
+    let ping_thread: Arc<std::sync::OnceLock<thread::Thread>> =
+        Arc::new(std::sync::OnceLock::new());
+    let pong_thread: Arc<std::sync::OnceLock<thread::Thread>> =
+        Arc::new(std::sync::OnceLock::new());
+    let (t2, pi2, po2) = (turn.clone(), ping_thread.clone(), pong_thread.clone());
+    let ready = Arc::new(AtomicBool::new(false));
+    let r2 = ready.clone();
+    pair(
+        cores,
+        move || {
+            let _ = po2.set(thread::current());
+            r2.store(true, Ordering::Release);
+            for i in 0..n {
+                while t2.load(Ordering::Acquire) != 2 * i + 1 {
+                    thread::park();
+                }
+                t2.store(2 * i + 2, Ordering::Release);
+                if let Some(p) = pi2.get() {
+                    p.unpark();
+                }
+            }
+        },
+        move || {
+            let _ = ping_thread.set(thread::current());
+            while !ready.load(Ordering::Acquire) {
+                thread::yield_now();
+            }
+            let pong = pong_thread.get().expect("pong registered").clone();
+            let mut h = histogram();
+            for i in 0..n {
+                let t = Instant::now();
+                turn.store(2 * i + 1, Ordering::Release);
+                pong.unpark();
+                while turn.load(Ordering::Acquire) != 2 * i + 2 {
+                    thread::park();
+                }
+                if i as usize >= warmup {
+                    record_since(&mut h, t);
+                }
+            }
+            h
+        },
+    )
+}
+
+fn cluster(cores: Cores, wait: WaitStrategy) -> Cluster {
+    Cluster::builder()
+        .wait_strategy(wait)
+        .core_policy(CorePolicy::Dedicated)
+        .cores(vec![cores[0].id, cores[1].id])
+        .ring_capacity(64 << 10)
+        .build()
+}
+
+/// Spawns `/pong` (core 0, replies with what it got) and `/ping` (core 1, runs `ping` and
+/// hands its histogram back with `exit`).
+fn isolate_pair<F>(cluster: &Cluster, echo: fn(&Context), ping: F) -> Histogram<u64>
+where
+    F: FnOnce(&Context, &isolate_cluster::IsolateRef) -> Histogram<u64> + Send + 'static,
+{
+    let pong = cluster
+        .spawn("/pong", Properties::new(), echo)
+        .expect("spawn pong");
+    let ping = cluster
+        .spawn("/ping", Properties::new(), move |ctx| {
+            let h = ping(ctx, &pong);
+            ctx.exit(Box::new(h))
+        })
+        .expect("spawn ping");
+    let h = ping
+        .join_exit::<Histogram<u64>>(Duration::from_secs(600))
+        .expect("ping's histogram");
+    cluster.shutdown();
+    cluster
+        .join(Duration::from_secs(10))
+        .expect("isolates stop");
+    *h
+}
+
+/// isolate-cluster copy sends of `value`'s type, spinning receivers.
+pub fn copy<T>(cfg: Config, cores: Cores, value: T) -> Histogram<u64>
+where
+    T: Payload + Send + isolate_cluster::rkyv::Archive,
+    T::Archived: isolate_cluster::rkyv::Portable,
+{
+    let cluster = cluster(cores, WaitStrategy::BusySpin);
+    isolate_pair(&cluster, echo_bytes, move |ctx, pong| {
+        let mut h = histogram();
+        for i in 0..cfg.warmup + cfg.samples {
+            let t = Instant::now();
+            ctx.send(pong, &value).expect("send");
+            match ctx.recv() {
+                Some(Event::Message(m)) => debug_assert!(m.get::<T>().is_ok()),
+                other => panic!("unexpected {other:?}"),
+            }
+            if i >= cfg.warmup {
+                record_since(&mut h, t);
+            }
+        }
+        h
+    })
+}
+
+/// Replies with the same bytes and tag (works for any copy payload).
+fn echo_bytes(ctx: &Context) {
+    while let Some(ev) = ctx.recv() {
+        if let Event::Message(m) = ev {
+            m.reply_bytes(m.tag(), m.bytes()).expect("reply");
+        }
+    }
+}
+
+/// isolate-cluster transfer sends of a `size`-byte buffer moved back and forth.
+pub fn transfer(cfg: Config, cores: Cores, size: usize) -> Histogram<u64> {
+    let cluster = cluster(cores, WaitStrategy::BusySpin);
+    let echo: fn(&Context) = |ctx| {
+        while let Some(ev) = ctx.recv() {
+            if let Event::Message(mut m) = ev {
+                let v = m.take::<Vec<u8>>().expect("a Vec<u8>");
+                m.reply_transfer(v).expect("reply");
+            }
+        }
+    };
+    isolate_pair(&cluster, echo, move |ctx, pong| {
+        let mut h = histogram();
+        let mut buf = Box::new(vec![1u8; size]);
+        for i in 0..cfg.warmup + cfg.samples {
+            let t = Instant::now();
+            ctx.transfer(pong, buf).expect("transfer");
+            buf = match ctx.recv() {
+                Some(Event::Message(mut m)) => m.take::<Vec<u8>>().expect("the buffer back"),
+                other => panic!("unexpected {other:?}"),
+            };
+            if i >= cfg.warmup {
+                record_since(&mut h, t);
+            }
+        }
+        h
+    })
+}
+
+/// isolate-cluster with receivers that park as soon as they are idle.
+pub fn parked(cfg: Config, cores: Cores) -> Histogram<u64> {
+    let cluster = cluster(
+        cores,
+        WaitStrategy::SpinThenPark {
+            spin: Duration::ZERO,
+        },
+    );
+    let warmup = cfg.warmup / 10;
+    let samples = cfg.samples / 10;
+    isolate_pair(&cluster, echo_bytes, move |ctx, pong| {
+        let mut h = histogram();
+        for i in 0..warmup + samples {
+            let t = Instant::now();
+            ctx.send(pong, &(i as u64)).expect("send");
+            match ctx.recv() {
+                Some(Event::Message(_)) => {}
+                other => panic!("unexpected {other:?}"),
+            }
+            if i >= warmup {
+                record_since(&mut h, t);
+            }
+        }
+        h
+    })
+}
+
+/// isolate-cluster (default wait strategy) at a fixed rate, timed from the intended send.
+pub fn fixed_rate(cfg: Config, cores: Cores, per_sec: u64) -> Histogram<u64> {
+    let cluster = cluster(cores, WaitStrategy::default());
+    let samples = if per_sec < 10_000 {
+        cfg.samples / 10
+    } else {
+        cfg.samples
+    };
+    let warmup = samples / 10;
+    isolate_pair(&cluster, echo_bytes, move |ctx, pong| {
+        let mut h = histogram();
+        let interval = Duration::from_nanos(1_000_000_000 / per_sec);
+        let start = Instant::now();
+        for i in 0..warmup + samples {
+            let intended = start + interval * i as u32;
+            spin_until(intended);
+            ctx.send(pong, &(i as u64)).expect("send");
+            match ctx.recv() {
+                Some(Event::Message(_)) => {}
+                other => panic!("unexpected {other:?}"),
+            }
+            if i >= warmup {
+                record(&mut h, intended.elapsed());
+            }
+        }
+        h
+    })
+}
+
+/// Raw `rtrb` at a fixed rate, timed from the intended send.
+pub fn fixed_rate_rtrb(cfg: Config, cores: Cores, per_sec: u64) -> Histogram<u64> {
+    let (mut to_pong, mut from_ping) = rtrb::RingBuffer::<u64>::new(4096);
+    let (mut to_ping, mut from_pong) = rtrb::RingBuffer::<u64>::new(4096);
+    let samples = cfg.samples;
+    let warmup = samples / 10;
+    let n = warmup + samples;
+    pair(
+        cores,
+        move || {
+            for _ in 0..n {
+                let v = loop {
+                    match from_ping.pop() {
+                        Ok(v) => break v,
+                        Err(_) => std::hint::spin_loop(),
+                    }
+                };
+                while to_ping.push(v).is_err() {}
+            }
+        },
+        move || {
+            let mut h = histogram();
+            let interval = Duration::from_nanos(1_000_000_000 / per_sec);
+            let start = Instant::now();
+            for i in 0..n {
+                let intended = start + interval * i as u32;
+                spin_until(intended);
+                while to_pong.push(i as u64).is_err() {}
+                while from_pong.pop().is_err() {
+                    std::hint::spin_loop();
+                }
+                if i >= warmup {
+                    record(&mut h, intended.elapsed());
+                }
+            }
+            h
+        },
+    )
+}
+
+/// The scale run: random meshes of 2..64 isolates on this machine's cores, memory, and the
+/// CPU use of idle isolates. Returns a markdown section.
+pub fn scale(cfg: Config) -> String {
+    let mut md = String::from("## Scale: random meshes, memory, idle isolates\n\n");
+    let _ = writeln!(md, "| isolates | links | messages/s (all isolates) | RSS per isolate (idle) | RSS per ring (after traffic) |");
+    let _ = writeln!(md, "|---:|---:|---:|---:|---:|");
+    let run_for = if cfg.quick {
+        Duration::from_millis(300)
+    } else {
+        Duration::from_secs(2)
+    };
+    for n in [2usize, 8, 32, 64] {
+        let (rate, links, per_isolate, per_ring) = mesh(n, run_for);
+        let _ = writeln!(
+            md,
+            "| {n} | {links} | {:.2} M | {:.0} KiB | {:.1} KiB |",
+            rate / 1e6,
+            per_isolate / 1024.0,
+            per_ring / 1024.0
+        );
+    }
+    let idle_for = if cfg.quick {
+        Duration::from_secs(1)
+    } else {
+        Duration::from_secs(5)
+    };
+    let (cpu, wall) = idle_cpu(64, idle_for);
+    let _ = writeln!(
+        md,
+        "\n64 idle isolates (parked, default wait strategy): {:.1} ms of CPU over {:.1} s ({:.3} % of one core).\n",
+        cpu.as_secs_f64() * 1e3,
+        wall.as_secs_f64(),
+        100.0 * cpu.as_secs_f64() / wall.as_secs_f64()
+    );
+    md
+}
+
+/// `n` isolates, each sending to 4 random peers (or all, if fewer) for `run_for`.
+/// Returns (messages/s, links, RSS per idle isolate, RSS per ring after traffic).
+fn mesh(n: usize, run_for: Duration) -> (f64, usize, f64, f64) {
+    let ring = 64 << 10;
+    let cluster = Cluster::builder()
+        .ring_capacity(ring)
+        .core_policy(CorePolicy::Shared)
+        .build();
+    let stop = Arc::new(AtomicBool::new(false));
+    let received = Arc::new(AtomicU64::new(0));
+    let go = Arc::new(AtomicBool::new(false));
+    let before = rss_bytes();
+    let fanout = 4.min(n - 1);
+    for i in 0..n {
+        let (stop, received, go) = (stop.clone(), received.clone(), go.clone());
+        cluster
+            .spawn(&format!("/mesh/{i}"), Properties::new(), move |ctx| {
+                while !go.load(Ordering::Acquire) {
+                    if ctx.recv_timeout(Duration::from_millis(1)).is_some() {
+                        // Nothing is sent before `go`.
+                    }
+                }
+                let mut seed = 0x9e37_79b9_7f4a_7c15u64 ^ i as u64;
+                let mut next = || {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    seed
+                };
+                let mut peers = Vec::new();
+                while peers.len() < fanout {
+                    let j = (next() % n as u64) as usize;
+                    if j != i
+                        && !peers
+                            .iter()
+                            .any(|p: &isolate_cluster::IsolateRef| p.path() == format!("/mesh/{j}"))
+                    {
+                        if let Ok(r) = ctx.lookup(&format!("/mesh/{j}")) {
+                            peers.push(r);
+                        }
+                    }
+                }
+                let mut got = 0u64;
+                let mut k = 0usize;
+                while !stop.load(Ordering::Relaxed) {
+                    for _ in 0..64 {
+                        let _ = ctx.try_send(&peers[k % fanout], &(k as u64));
+                        k += 1;
+                    }
+                    while let Some(ev) = ctx.try_recv() {
+                        if let Event::Message(_) = ev {
+                            got += 1;
+                        }
+                    }
+                }
+                received.fetch_add(got, Ordering::Relaxed);
+                while ctx.recv().is_some() {}
+            })
+            .expect("spawn");
+    }
+    thread::sleep(Duration::from_millis(50));
+    let idle = rss_bytes();
+    let t = Instant::now();
+    go.store(true, Ordering::Release);
+    thread::sleep(run_for);
+    stop.store(true, Ordering::Relaxed);
+    let elapsed = t.elapsed();
+    let busy = rss_bytes();
+    cluster.shutdown();
+    cluster.join(Duration::from_secs(30)).expect("mesh stops");
+    let links = n * fanout;
+    let rate = received.load(Ordering::Relaxed) as f64 / elapsed.as_secs_f64();
+    (
+        rate,
+        links,
+        idle.saturating_sub(before) as f64 / n as f64,
+        busy.saturating_sub(idle) as f64 / links as f64,
+    )
+}
+
+/// CPU time used by the process while `n` isolates sit idle for `d`.
+fn idle_cpu(n: usize, d: Duration) -> (Duration, Duration) {
+    let cluster = Cluster::single_node();
+    for i in 0..n {
+        cluster
+            .spawn(&format!("/idle/{i}"), Properties::new(), |ctx| {
+                while ctx.recv().is_some() {}
+            })
+            .expect("spawn");
+    }
+    thread::sleep(Duration::from_millis(200));
+    let c0 = cpu_time();
+    let t0 = Instant::now();
+    thread::sleep(d);
+    let cpu = cpu_time() - c0;
+    let wall = t0.elapsed();
+    cluster.shutdown();
+    cluster
+        .join(Duration::from_secs(10))
+        .expect("idle isolates stop");
+    (cpu, wall)
+}
+
+/// The targets of the benchmark issue, each with its measured value.
+pub fn targets(all: &[Case]) -> String {
+    let find = |name: &str| all.iter().find(|c| c.name == name);
+    let mut s = String::new();
+    let line = |s: &mut String, what: &str, value: f64, target: f64| {
+        let _ = writeln!(
+            s,
+            "- {what}: {value:.2}× (target ≤ {target}×) {}",
+            if value <= target {
+                "— met"
+            } else {
+                "— missed"
+            }
+        );
+    };
+    if let (Some(ic), Some(rtrb)) = (find("isolate-cluster copy 8 B"), find("raw rtrb")) {
+        line(
+            &mut s,
+            "copy round trip p50 / raw rtrb p50",
+            ic.p(0.5) as f64 / rtrb.p(0.5) as f64,
+            1.15,
+        );
+        line(
+            &mut s,
+            "copy round trip p99.9 / raw rtrb p99.9",
+            ic.p(0.999) as f64 / rtrb.p(0.999) as f64,
+            1.5,
+        );
+        if let Some(cb) = find("crossbeam-channel bounded") {
+            line(
+                &mut s,
+                "copy round trip p50 / crossbeam-channel p50",
+                ic.p(0.5) as f64 / cb.p(0.5) as f64,
+                0.5,
+            );
+        }
+        if let Some(ix) = find("iceoryx2 publish-subscribe") {
+            line(
+                &mut s,
+                "copy round trip p50 / iceoryx2 p50",
+                ic.p(0.5) as f64 / ix.p(0.5) as f64,
+                0.25,
+            );
+        }
+        if let Some(t) = find("isolate-cluster transfer 1 MiB") {
+            line(
+                &mut s,
+                "1 MiB transfer p50 / 8 B copy p50",
+                t.p(0.5) as f64 / ic.p(0.5) as f64,
+                1.5,
+            );
+        }
+    }
+    s
+}
+
+/// iceoryx2 publish-subscribe (process-local service), spinning on `receive`. Ports are
+/// created on the threads that use them.
+pub fn iceoryx2(cfg: Config, cores: Cores) -> Histogram<u64> {
+    use iceoryx2::prelude::*;
+    static RUN: AtomicU64 = AtomicU64::new(0);
+    let run = RUN.fetch_add(1, Ordering::Relaxed);
+    let name = |kind: &str| {
+        ServiceName::new(&format!("icbench/{}/{run}/{kind}", std::process::id()))
+            .expect("service name")
+    };
+    set_log_level(LogLevel::Error);
+    let node = NodeBuilder::new()
+        .config(&iceoryx2::config::Config::default())
+        .create::<local::Service>()
+        .expect("iceoryx2 node");
+    let make = |n: &ServiceName| {
+        node.service_builder(n)
+            .publish_subscribe::<u64>()
+            .max_publishers(1)
+            .max_subscribers(1)
+            .history_size(0)
+            .subscriber_max_buffer_size(1)
+            .enable_safe_overflow(true)
+            .create()
+            .expect("iceoryx2 service")
+    };
+    let (ping, pong) = (make(&name("ping")), make(&name("pong")));
+    let ready = std::sync::Barrier::new(2);
+    let n = (cfg.warmup + cfg.samples) as u64;
+    let (ping, pong, ready) = (&ping, &pong, &ready);
+    thread::scope(|s| {
+        s.spawn(move || {
+            pin(cores[0]);
+            let sub = ping.subscriber_builder().create().expect("subscriber");
+            let publ = pong.publisher_builder().create().expect("publisher");
+            ready.wait();
+            for _ in 0..n {
+                let v = loop {
+                    if let Some(sample) = sub.receive().expect("receive") {
+                        break *sample;
+                    }
+                    std::hint::spin_loop();
+                };
+                publ.loan_uninit()
+                    .expect("loan")
+                    .write_payload(v)
+                    .send()
+                    .expect("send");
+            }
+        });
+        s.spawn(move || {
+            pin(cores[1]);
+            let publ = ping.publisher_builder().create().expect("publisher");
+            let sub = pong.subscriber_builder().create().expect("subscriber");
+            ready.wait();
+            let mut h = histogram();
+            for i in 0..n {
+                let t = Instant::now();
+                publ.loan_uninit()
+                    .expect("loan")
+                    .write_payload(i)
+                    .send()
+                    .expect("send");
+                loop {
+                    if let Some(sample) = sub.receive().expect("receive") {
+                        debug_assert_eq!(*sample, i);
+                        break;
+                    }
+                    std::hint::spin_loop();
+                }
+                if i as usize >= cfg.warmup {
+                    record_since(&mut h, t);
+                }
+            }
+            h
+        })
+        .join()
+        .expect("iceoryx2 ping")
+    })
+}
+
+/// The ractor actor the request/reply case calls.
+struct Echo;
+
+enum EchoMsg {
+    Ping(u64, ractor::RpcReplyPort<u64>),
+}
+
+impl ractor::Actor for Echo {
+    type Msg = EchoMsg;
+    type State = ();
+    type Arguments = ();
+    async fn pre_start(
+        &self,
+        _me: ractor::ActorRef<Self::Msg>,
+        _args: (),
+    ) -> Result<(), ractor::ActorProcessingErr> {
+        Ok(())
+    }
+    async fn handle(
+        &self,
+        _me: ractor::ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        _state: &mut (),
+    ) -> Result<(), ractor::ActorProcessingErr> {
+        let EchoMsg::Ping(x, reply) = msg;
+        let _ = reply.send(x);
+        Ok(())
+    }
+}
+
+/// ractor `call` round trip: the actor on a one-worker tokio runtime pinned to core 0, the
+/// caller on core 1.
+pub fn ractor_call(cfg: Config, cores: Cores) -> Histogram<u64> {
+    let c0 = cores[0];
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .on_thread_start(move || {
+            pin(c0);
+        })
+        .build()
+        .expect("tokio runtime");
+    let (actor, handle) = rt
+        .block_on(ractor::Actor::spawn(None, Echo, ()))
+        .expect("spawn actor");
+    let warmup = cfg.warmup / 4;
+    let samples = cfg.samples / 4;
+    let c1 = cores[1];
+    let h = thread::scope(|s| {
+        s.spawn(|| {
+            pin(c1);
+            let mut h = histogram();
+            rt.block_on(async {
+                for i in 0..(warmup + samples) as u64 {
+                    let t = Instant::now();
+                    let v = ractor::call!(actor, EchoMsg::Ping, i).expect("rpc");
+                    debug_assert_eq!(v, i);
+                    if i as usize >= warmup {
+                        record_since(&mut h, t);
+                    }
+                }
+            });
+            h
+        })
+        .join()
+        .expect("ractor caller")
+    });
+    actor.stop(None);
+    let _ = rt.block_on(handle);
+    h
+}

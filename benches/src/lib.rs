@@ -1,0 +1,120 @@
+//! Shared machinery of the isolate-cluster benchmarks: configuration, core pinning,
+//! histograms and the report (markdown table, `.hgrm` files, SVG percentile plots).
+//!
+//! Method (see `BENCHMARKS.md` of the project): every figure is measured next to its peers
+//! in the same process run, on the same pinned core pair; round trips are recorded one by
+//! one in an HDR histogram after a warm-up; ratios, not absolute times, are what travel.
+
+pub mod cases;
+pub mod report;
+
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+
+/// How much to measure.
+#[derive(Clone, Copy, Debug)]
+pub struct Config {
+    /// Quick mode (CI smoke run): fewer samples, shorter runs.
+    pub quick: bool,
+    /// Round trips before recording.
+    pub warmup: usize,
+    /// Round trips recorded per case.
+    pub samples: usize,
+}
+
+impl Config {
+    /// Reads `IC_BENCH_QUICK=1` or a `--quick` argument.
+    pub fn from_env() -> Self {
+        let quick = std::env::var("IC_BENCH_QUICK").is_ok_and(|v| v != "0")
+            || std::env::args().any(|a| a == "--quick");
+        if quick {
+            Self {
+                quick,
+                warmup: 2_000,
+                samples: 10_000,
+            }
+        } else {
+            Self {
+                quick,
+                warmup: 10_000,
+                samples: 100_000,
+            }
+        }
+    }
+}
+
+/// The two cores every ping-pong runs on, read once before anything is pinned.
+pub fn core_pair() -> Option<[core_affinity::CoreId; 2]> {
+    let ids = core_affinity::get_core_ids()?;
+    (ids.len() >= 2).then(|| [ids[0], ids[1]])
+}
+
+/// Pins the calling thread; `false` if the system refused.
+pub fn pin(core: core_affinity::CoreId) -> bool {
+    core_affinity::set_for_current(core)
+}
+
+/// A histogram of nanoseconds, 1 ns to 100 s, 3 significant digits.
+pub fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 100_000_000_000, 3).expect("valid histogram bounds")
+}
+
+/// Records the time since `t` in nanoseconds.
+#[inline]
+pub fn record_since(h: &mut Histogram<u64>, t: Instant) {
+    let ns = t.elapsed().as_nanos().max(1) as u64;
+    let _ = h.record(ns.min(h.high()));
+}
+
+/// Records a duration in nanoseconds.
+#[inline]
+pub fn record(h: &mut Histogram<u64>, d: Duration) {
+    let ns = d.as_nanos().max(1) as u64;
+    let _ = h.record(ns.min(h.high()));
+}
+
+/// Busy-waits until `deadline` (for fixed-rate sending).
+#[inline]
+pub fn spin_until(deadline: Instant) {
+    while Instant::now() < deadline {
+        std::hint::spin_loop();
+    }
+}
+
+/// The CPU model line of `/proc/cpuinfo`, or "unknown".
+pub fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+/// Resident set size of this process in bytes (Linux), 0 elsewhere.
+pub fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| {
+            s.split_whitespace()
+                .nth(1)
+                .and_then(|p| p.parse::<u64>().ok())
+        })
+        .map_or(0, |pages| pages * 4096)
+}
+
+/// User + system CPU time of this process.
+pub fn cpu_time() -> Duration {
+    // SAFETY: getrusage only writes into the zeroed struct we pass.
+    let usage = unsafe {
+        let mut u: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut u);
+        u
+    };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, (t.tv_usec as u32) * 1000);
+    tv(usage.ru_utime) + tv(usage.ru_stime)
+}

@@ -1,0 +1,222 @@
+//! The report folder: `REPORT.md`, one `.hgrm` file per case, SVG percentile plots.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use hdrhistogram::Histogram;
+use plotters::prelude::*;
+
+/// One measured case.
+pub struct Case {
+    /// Which plot and table it belongs to.
+    pub group: &'static str,
+    /// Its name in tables and legends.
+    pub name: String,
+    /// Round-trip times in nanoseconds.
+    pub hist: Histogram<u64>,
+}
+
+impl Case {
+    /// A percentile in nanoseconds.
+    pub fn p(&self, q: f64) -> u64 {
+        self.hist.value_at_quantile(q)
+    }
+}
+
+/// A file-system-safe version of a case name.
+fn slug(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .collect::<String>()
+        .split('_')
+        .filter(|s| !s.is_empty())
+        .collect::<Vec<_>>()
+        .join("_")
+}
+
+/// Creates `target/bench-report/<unix seconds>/` (or `$IC_BENCH_REPORT_DIR`).
+pub fn new_dir() -> std::io::Result<PathBuf> {
+    let base = std::env::var_os("IC_BENCH_REPORT_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+            let secs = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            root.join("target")
+                .join("bench-report")
+                .join(secs.to_string())
+        });
+    std::fs::create_dir_all(&base)?;
+    Ok(base)
+}
+
+/// Writes the percentile distribution in HdrHistogram's `.hgrm` text format (values in µs).
+pub fn write_hgrm(path: &Path, h: &Histogram<u64>) -> std::io::Result<()> {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "{:>12} {:>14} {:>10} {:>14}\n",
+        "Value", "Percentile", "TotalCount", "1/(1-Percentile)"
+    );
+    for v in h.iter_quantiles(5) {
+        let q = v.quantile_iterated_to();
+        let inv = if q < 1.0 {
+            format!("{:>14.2}", 1.0 / (1.0 - q))
+        } else {
+            String::new()
+        };
+        let _ = writeln!(
+            s,
+            "{:>12.3} {:>14.12} {:>10} {}",
+            v.value_iterated_to() as f64 / 1000.0,
+            q,
+            v.count_since_last_iteration(),
+            inv
+        );
+    }
+    let _ = writeln!(
+        s,
+        "#[Mean    = {:>12.3}, StdDeviation   = {:>12.3}]",
+        h.mean() / 1000.0,
+        h.stdev() / 1000.0
+    );
+    let _ = writeln!(
+        s,
+        "#[Max     = {:>12.3}, Total count    = {:>12}]",
+        h.max() as f64 / 1000.0,
+        h.len()
+    );
+    std::fs::write(path, s)
+}
+
+/// Plots the percentile distribution of every case of `group` on one set of axes.
+pub fn plot_group(path: &Path, title: &str, cases: &[&Case]) -> Result<(), String> {
+    if cases.is_empty() {
+        return Ok(());
+    }
+    let max_y = cases.iter().map(|c| c.hist.max()).max().unwrap_or(1).max(2) as f64 / 1000.0;
+    let min_y = cases.iter().map(|c| c.hist.min()).min().unwrap_or(1).max(1) as f64 / 1000.0;
+    let root = SVGBackend::new(path, (1000, 620)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| e.to_string())?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 22))
+        .margin(12)
+        .x_label_area_size(48)
+        .y_label_area_size(70)
+        .build_cartesian_2d(
+            (1.0f64..1_000_000.0).log_scale(),
+            (min_y * 0.8..max_y * 1.25).log_scale(),
+        )
+        .map_err(|e| e.to_string())?;
+    chart
+        .configure_mesh()
+        .x_desc("percentile")
+        .y_desc("round trip (µs)")
+        .x_label_formatter(&|x| {
+            let p = 100.0 * (1.0 - 1.0 / x);
+            if p < 99.0 {
+                format!("{p:.0}%")
+            } else {
+                format!("{p:.4}%").trim_end_matches('0').to_owned()
+            }
+        })
+        .draw()
+        .map_err(|e| e.to_string())?;
+    for (i, c) in cases.iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        let points: Vec<(f64, f64)> = c
+            .hist
+            .iter_quantiles(5)
+            .filter(|v| v.quantile_iterated_to() < 1.0)
+            .map(|v| {
+                (
+                    1.0 / (1.0 - v.quantile_iterated_to()),
+                    v.value_iterated_to() as f64 / 1000.0,
+                )
+            })
+            .collect();
+        chart
+            .draw_series(LineSeries::new(points, color.stroke_width(2)))
+            .map_err(|e| e.to_string())?
+            .label(c.name.clone())
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(3))
+            });
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| e.to_string())?;
+    root.present().map_err(|e| e.to_string())
+}
+
+/// Formats nanoseconds for a table.
+pub fn ns(v: u64) -> String {
+    if v >= 10_000_000 {
+        format!("{:.1} ms", v as f64 / 1e6)
+    } else if v >= 10_000 {
+        format!("{:.1} µs", v as f64 / 1e3)
+    } else {
+        format!("{v} ns")
+    }
+}
+
+/// The markdown table of a group: percentiles and ratios to `base` and `floor` (p50 and
+/// p99.9).
+pub fn table(cases: &[&Case], base: Option<&Case>, floor: Option<&Case>) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "| case | p50 | p99 | p99.9 | p99.99 | max | p50 / rtrb | p99.9 / rtrb | p50 / floor |"
+    );
+    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for c in cases {
+        let ratio = |b: Option<&Case>, q: f64| {
+            b.map_or_else(
+                || "—".to_owned(),
+                |b| format!("{:.2}×", c.p(q) as f64 / b.p(q).max(1) as f64),
+            )
+        };
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            c.name,
+            ns(c.p(0.5)),
+            ns(c.p(0.99)),
+            ns(c.p(0.999)),
+            ns(c.p(0.9999)),
+            ns(c.hist.max()),
+            ratio(base, 0.5),
+            ratio(base, 0.999),
+            ratio(floor, 0.5),
+        );
+    }
+    s
+}
+
+/// Writes every case's `.hgrm` file and every group's SVG plot into `dir`.
+pub fn write_files(
+    dir: &Path,
+    cases: &[Case],
+    groups: &[(&'static str, &str)],
+) -> Result<(), String> {
+    for c in cases {
+        write_hgrm(&dir.join(format!("{}.hgrm", slug(&c.name))), &c.hist)
+            .map_err(|e| e.to_string())?;
+    }
+    for (group, title) in groups {
+        let members: Vec<&Case> = cases.iter().filter(|c| c.group == *group).collect();
+        plot_group(&dir.join(format!("{group}.svg")), title, &members)?;
+    }
+    Ok(())
+}
