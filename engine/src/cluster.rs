@@ -97,9 +97,10 @@ impl Builder {
         self
     }
 
-    /// Capacity of each ring in bytes, rounded up to 16 and to at least 64 (default
-    /// 64 KiB). A frame takes a 32-byte header plus its payload rounded up to 16; a copy
-    /// message larger than the ring fails with `SendError::TooLarge`.
+    /// Capacity of each ring in bytes, rounded up to whole 64-byte cells and to at least
+    /// 4 cells (default 64 KiB). A frame takes a 32-byte header plus its payload, rounded
+    /// up to whole cells: up to 32 payload bytes is one cell. A copy message larger than
+    /// the ring fails with `SendError::TooLarge`.
     pub fn ring_capacity(mut self, bytes: usize) -> Self {
         self.config.ring_cells = bytes.div_ceil(CELL_BYTES).max(4);
         self

@@ -27,8 +27,7 @@ use rkyv::ser::allocator::Arena;
 use crate::cluster::{ClusterInner, WaitStrategy};
 use crate::error::SendError;
 use crate::frame::{
-    payload_cells, Cell, FrameHeader, FrameKind, RingError, RingWriter, TransferPayload, TypeTag,
-    CELL_BYTES,
+    Cell, FrameHeader, FrameKind, RingError, RingWriter, TransferPayload, TypeTag, CELL_BYTES,
 };
 use crate::isolate::{DownReason, IsolateRef};
 use crate::link::{new_ring, FrameSource, InLink, OutLink, OwnedFrame, RingFrame, WriteOutcome};
@@ -227,7 +226,7 @@ impl Inbound {
     }
 
     /// Takes one frame from link `i`, marking the link held when read in place.
-    #[inline]
+    #[inline(always)]
     fn take_from(&mut self, i: usize) -> Option<Polled> {
         let l = &mut self.links[i];
         if l.held {
@@ -242,6 +241,7 @@ impl Inbound {
         Some(Polled::Ring { link: i, frame })
     }
 
+    #[inline]
     fn poll(&mut self, shared: &EndpointShared) -> Option<Polled> {
         if shared.control_pending() {
             self.accept(shared.take_control());
@@ -313,6 +313,7 @@ impl Inbound {
     }
 
     /// Releases a frame read in place from link `i`.
+    #[inline]
     pub(crate) fn release(&mut self, i: usize, cells: usize) {
         let l = &mut self.links[i];
         debug_assert!(l.held);
@@ -358,8 +359,8 @@ pub(crate) struct CopySource<'v, 'a, T> {
 
 impl<T: Payload> FrameSource for CopySource<'_, '_, T> {
     #[inline]
-    fn fill(&mut self, cells: &mut [MaybeUninit<Cell>]) -> Result<usize, RingError> {
-        let writer = RingWriter::new(cells);
+    fn fill(&mut self, window: &mut [MaybeUninit<u8>]) -> Result<usize, RingError> {
+        let writer = RingWriter::new(window);
         let w = rkyv::api::high::to_bytes_in_with_alloc::<_, _, RingError>(
             self.value,
             writer,
@@ -373,8 +374,8 @@ impl<T: Payload> FrameSource for CopySource<'_, '_, T> {
 pub(crate) struct BytesSource<'b>(pub &'b [u8]);
 
 impl FrameSource for BytesSource<'_> {
-    fn fill(&mut self, cells: &mut [MaybeUninit<Cell>]) -> Result<usize, RingError> {
-        if self.0.len() > cells.len() * CELL_BYTES {
+    fn fill(&mut self, window: &mut [MaybeUninit<u8>]) -> Result<usize, RingError> {
+        if self.0.len() > window.len() {
             return Err(RingError::NoRoom);
         }
         // SAFETY: the window holds at least `len` bytes (checked above) and is exclusively
@@ -382,7 +383,7 @@ impl FrameSource for BytesSource<'_> {
         unsafe {
             std::ptr::copy_nonoverlapping(
                 self.0.as_ptr(),
-                cells.as_mut_ptr().cast::<u8>(),
+                window.as_mut_ptr().cast::<u8>(),
                 self.0.len(),
             );
         }
@@ -395,40 +396,15 @@ pub(crate) struct TransferSource(pub TransferPayload);
 
 impl FrameSource for TransferSource {
     #[inline]
-    fn fill(&mut self, cells: &mut [MaybeUninit<Cell>]) -> Result<usize, RingError> {
-        let Some(c) = cells.first_mut() else {
+    fn fill(&mut self, window: &mut [MaybeUninit<u8>]) -> Result<usize, RingError> {
+        if window.len() < TransferPayload::BYTES {
             return Err(RingError::NoRoom);
-        };
-        c.write(self.0.encode());
-        Ok(TransferPayload::BYTES)
-    }
-}
-
-/// Builds an owned frame from a source (for spilling), or says it can never fit.
-fn build_owned(
-    header: FrameHeader,
-    src: &mut impl FrameSource,
-    max_cells: usize,
-) -> Result<OwnedFrame, RingError> {
-    let mut size = 4usize;
-    loop {
-        let mut buf: Vec<MaybeUninit<Cell>> = vec![MaybeUninit::new(Cell::default()); size];
-        match src.fill(&mut buf) {
-            Ok(len) => {
-                buf.truncate(payload_cells(len));
-                let payload: Box<[Cell]> = buf
-                    .into_iter()
-                    // SAFETY: every element was initialised with `Cell::default()` above
-                    // and then possibly overwritten by `fill`.
-                    .map(|c| unsafe { c.assume_init() })
-                    .collect();
-                let mut header = header;
-                header.len = len as u32;
-                return Ok(OwnedFrame { header, payload });
-            }
-            Err(RingError::NoRoom) if size < max_cells => size = (size * 2).min(max_cells),
-            Err(e) => return Err(e),
         }
+        let bytes = self.0.encode();
+        for (d, b) in window.iter_mut().zip(bytes) {
+            d.write(b);
+        }
+        Ok(TransferPayload::BYTES)
     }
 }
 
@@ -498,11 +474,18 @@ impl LocalEndpoint {
     }
 
     /// Finds or creates the link to `target`.
+    #[inline]
     fn link_index(&self, out: &mut Outbound, target: &Target<'_>) -> Result<usize, SendError> {
         let id = target.id();
         if out.last.0 == id && id != 0 {
             return Ok(out.last.1);
         }
+        self.link_index_slow(out, target)
+    }
+
+    #[cold]
+    fn link_index_slow(&self, out: &mut Outbound, target: &Target<'_>) -> Result<usize, SendError> {
+        let id = target.id();
         if let Some(&i) = out.index.get(&id) {
             out.last = (id, i);
             return Ok(i);
@@ -563,6 +546,7 @@ impl LocalEndpoint {
     /// keeps its place in the link's FIFO order: a cycle of handlers replying to each
     /// other can therefore never deadlock. Spilled frames are written by later sends and
     /// by the receive loop; they count in `Stats::spilled`.
+    #[inline]
     pub(crate) fn send(
         &self,
         target: Target<'_>,
@@ -581,6 +565,33 @@ impl LocalEndpoint {
             reply_to: meta.reply_to,
             correlation: meta.correlation,
         };
+        let link = &mut out.links[i];
+        // The fast path: nothing spilled, the target alive, room in the ring.
+        if link.spill.is_empty()
+            && !link.target.wake.is_closed()
+            && link.write(header, src) == WriteOutcome::Written
+        {
+            bump(&self.shared.counters.sent);
+            if link.target.wake.notify() {
+                link.target.drain_after_close();
+            }
+            return Ok(());
+        }
+        self.send_slow(out, i, header, src, mode)
+    }
+
+    /// Everything but the fast path: spilled frames, a closed target, a full ring (wait
+    /// or fail), a frame that can never fit, a failed serialisation.
+    #[cold]
+    #[inline(never)]
+    fn send_slow(
+        &self,
+        out: &mut Outbound,
+        i: usize,
+        header: FrameHeader,
+        src: &mut impl FrameSource,
+        mode: Mode,
+    ) -> Result<(), SendError> {
         if out.links[i].target.wake.is_closed() {
             self.remove_link(out, i);
             return Err(SendError::Disconnected(()));
@@ -652,8 +663,7 @@ impl LocalEndpoint {
         header: FrameHeader,
         src: &mut impl FrameSource,
     ) -> Result<(), SendError> {
-        let max = link.capacity().saturating_sub(crate::frame::HEADER_CELLS);
-        match build_owned(header, src, max) {
+        match OwnedFrame::build(header, src, link.capacity()) {
             Ok(f) => {
                 if link.spill.is_empty() {
                     self.spilled_links.set(self.spilled_links.get() + 1);
@@ -789,7 +799,9 @@ impl LocalEndpoint {
     /// only every 64 rounds, so spinning stays a tight loop.
     pub(crate) fn idle(&self, idle: &mut IdleState, deadline: Option<Instant>) -> bool {
         idle.round = idle.round.wrapping_add(1);
-        if idle.round % 64 != 0 {
+        let park_at_once =
+            matches!(self.strategy, WaitStrategy::SpinThenPark { spin } if spin.is_zero());
+        if idle.round % 64 != 0 && !park_at_once {
             match self.strategy {
                 WaitStrategy::Yield => std::thread::yield_now(),
                 _ => std::hint::spin_loop(),

@@ -1,43 +1,51 @@
-//! The wire format of a link: 16-byte cells, a two-cell frame header, skip frames.
+//! The wire format of a link: 64-byte cells, a 32-byte frame header, skip frames.
 //!
-//! A ring is a sequence of [`Cell`]s. A frame is a [`FrameHeader`] (two cells) followed by
-//! its payload, rounded up to whole cells. A frame never wraps around the end of the ring:
-//! when it does not fit before the end, the producer writes a *skip frame* that pads to the
-//! end and starts the frame at the beginning. Only the first cell of a skip frame is
-//! meaningful, so a skip frame fits in any gap of at least one cell.
+//! A ring is a sequence of [`Cell`]s, each one cache line (64 bytes, 64-aligned). A frame
+//! is a [`FrameHeader`] (32 bytes) followed at once by its payload, rounded up to whole
+//! cells: a message of up to 32 payload bytes is one cache line, so a small message costs
+//! the receiver one line transfer, like a raw ring of words. Payloads start 16-aligned,
+//! as rkyv's in-place access requires. A frame never wraps around the end of the ring:
+//! when it does not fit before the end, the producer writes a *skip frame* that pads to
+//! the end and starts the frame at the beginning. A skip frame is one header whose `len`
+//! counts the cells to skip.
 //!
-//! Layout (little-endian, stable: C and the network read the same bytes):
+//! Header layout (little-endian, stable: C and the network read the same bytes):
 //!
-//! | cell | bytes  | field                                                          |
-//! |------|--------|----------------------------------------------------------------|
-//! | 0    | 0..4   | `len`: payload bytes (for a skip frame: cells to skip)         |
-//! | 0    | 4      | `kind`: [`FrameKind`]                                          |
-//! | 0    | 5      | `flags`: reserved, zero                                        |
-//! | 0    | 6..8   | reserved, zero                                                 |
-//! | 0    | 8..16  | `tag`: [`TypeTag`] of the payload                              |
-//! | 1    | 0..4   | `sender`: endpoint id of the sender (0: none)                  |
-//! | 1    | 4..8   | `reply_to`: endpoint id replies go to (0: none)                |
-//! | 1    | 8..16  | `correlation`: request/reply correlation id (0: none)          |
+//! | bytes  | field                                                            |
+//! |--------|------------------------------------------------------------------|
+//! | 0..4   | `len`: payload bytes (for a skip frame: cells to skip)           |
+//! | 4      | `kind`: [`FrameKind`]                                            |
+//! | 5      | `flags`: reserved, zero                                          |
+//! | 6..8   | reserved, zero                                                   |
+//! | 8..16  | `tag`: [`TypeTag`] of the payload                                |
+//! | 16..20 | `sender`: endpoint id of the sender (0: none)                    |
+//! | 20..24 | `reply_to`: endpoint id replies go to (0: none)                  |
+//! | 24..32 | `correlation`: request/reply correlation id (0: none)            |
+//! | 32..   | payload                                                          |
 
 use std::any::TypeId;
 use std::fmt;
 use std::hash::{Hash, Hasher};
-use std::mem::MaybeUninit;
 
 use rkyv::rancor::{Source, Trace};
 use rkyv::ser::writer::Positional;
 use rkyv::ser::Writer;
 
-/// The unit of ring memory: 16 bytes, 16-aligned, so every frame payload starts at an
-/// address rkyv can read archived values from in place.
-#[repr(C, align(16))]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Cell(pub [u8; 16]);
+/// The unit of ring memory: one cache line, 64-aligned.
+#[repr(C, align(64))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cell(pub [u8; 64]);
+
+impl Default for Cell {
+    fn default() -> Self {
+        Self([0; 64])
+    }
+}
 
 /// Bytes per cell.
-pub const CELL_BYTES: usize = 16;
-/// Cells taken by a frame header.
-pub const HEADER_CELLS: usize = 2;
+pub const CELL_BYTES: usize = 64;
+/// Bytes of a frame header; the payload follows at this offset.
+pub const HEADER_BYTES: usize = 32;
 
 /// A 64-bit tag naming the type of a payload.
 ///
@@ -61,6 +69,7 @@ pub enum FrameKind {
 }
 
 impl FrameKind {
+    #[inline]
     fn from_u8(v: u8) -> Option<Self> {
         match v {
             1 => Some(Self::Copy),
@@ -71,7 +80,7 @@ impl FrameKind {
     }
 }
 
-/// The decoded two-cell frame header.
+/// The decoded frame header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FrameHeader {
     /// Payload length in bytes (skip frames: cells to skip).
@@ -88,66 +97,134 @@ pub struct FrameHeader {
     pub correlation: u64,
 }
 
+#[inline]
+fn le32(b: &[u8], at: usize) -> u32 {
+    let mut x = [0; 4];
+    x.copy_from_slice(&b[at..at + 4]);
+    u32::from_le_bytes(x)
+}
+
+#[inline]
+fn le64(b: &[u8], at: usize) -> u64 {
+    let mut x = [0; 8];
+    x.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(x)
+}
+
+/// The header as it lies in memory: the layout of the table above, every field stored
+/// little-endian (`to_le`/`from_le` are no-ops on little-endian machines).
+#[repr(C, align(16))]
+#[derive(Clone, Copy)]
+struct RawHeader {
+    len: u32,
+    kind: u8,
+    flags: u8,
+    reserved: u16,
+    tag: u64,
+    sender: u32,
+    reply_to: u32,
+    correlation: u64,
+}
+
+const _: () = assert!(std::mem::size_of::<RawHeader>() == HEADER_BYTES);
+
 impl FrameHeader {
     /// Cells taken by the whole frame, header included.
     #[inline]
     pub fn frame_cells(&self) -> usize {
         match self.kind {
             FrameKind::Skip => self.len as usize,
-            _ => HEADER_CELLS + payload_cells(self.len as usize),
+            _ => frame_cells(self.len as usize),
         }
     }
 
-    /// Encodes the header into its two cells.
+    /// Encodes the header into its 32 bytes.
     #[inline]
-    pub fn encode(&self) -> [Cell; HEADER_CELLS] {
-        let mut a = [0u8; 16];
-        a[0..4].copy_from_slice(&self.len.to_le_bytes());
-        a[4] = self.kind as u8;
-        a[8..16].copy_from_slice(&self.tag.to_le_bytes());
-        let mut b = [0u8; 16];
-        b[0..4].copy_from_slice(&self.sender.to_le_bytes());
-        b[4..8].copy_from_slice(&self.reply_to.to_le_bytes());
-        b[8..16].copy_from_slice(&self.correlation.to_le_bytes());
-        [Cell(a), Cell(b)]
+    pub fn encode(&self) -> [u8; HEADER_BYTES] {
+        let mut b = [0u8; HEADER_BYTES];
+        b[0..4].copy_from_slice(&self.len.to_le_bytes());
+        b[4] = self.kind as u8;
+        b[8..16].copy_from_slice(&self.tag.to_le_bytes());
+        b[16..20].copy_from_slice(&self.sender.to_le_bytes());
+        b[20..24].copy_from_slice(&self.reply_to.to_le_bytes());
+        b[24..32].copy_from_slice(&self.correlation.to_le_bytes());
+        b
     }
 
-    /// Decodes the first cell: length and kind. `None` for an unknown kind.
+    /// Decodes length and kind from the first bytes of a frame. `None` for an unknown
+    /// kind.
     #[inline]
-    pub fn decode_first(cell: &Cell) -> Option<(u32, FrameKind)> {
-        let len = u32::from_le_bytes(cell.0[0..4].try_into().ok()?);
-        Some((len, FrameKind::from_u8(cell.0[4])?))
+    pub fn decode_first(bytes: &[u8]) -> Option<(u32, FrameKind)> {
+        if bytes.len() < 5 {
+            return None;
+        }
+        Some((le32(bytes, 0), FrameKind::from_u8(bytes[4])?))
     }
 
-    /// Decodes both header cells. `None` for an unknown kind.
+    /// Decodes a whole header. `None` if it is short or of an unknown kind.
     #[inline]
-    pub fn decode(cells: &[Cell; HEADER_CELLS]) -> Option<Self> {
-        let (len, kind) = Self::decode_first(&cells[0])?;
-        let a = &cells[0].0;
-        let b = &cells[1].0;
+    pub fn decode(bytes: &[u8]) -> Option<Self> {
+        if bytes.len() < HEADER_BYTES {
+            return None;
+        }
+        let (len, kind) = Self::decode_first(bytes)?;
         Some(Self {
             len,
             kind,
-            tag: u64::from_le_bytes(a[8..16].try_into().ok()?),
-            sender: u32::from_le_bytes(b[0..4].try_into().ok()?),
-            reply_to: u32::from_le_bytes(b[4..8].try_into().ok()?),
-            correlation: u64::from_le_bytes(b[8..16].try_into().ok()?),
+            tag: le64(bytes, 8),
+            sender: le32(bytes, 16),
+            reply_to: le32(bytes, 20),
+            correlation: le64(bytes, 24),
         })
     }
 
-    /// The first cell of a skip frame covering `cells` cells.
+    /// Writes the header at the start of `cell`.
+    #[inline]
+    pub fn write_to(&self, cell: *mut Cell) {
+        let raw = RawHeader {
+            len: self.len.to_le(),
+            kind: self.kind as u8,
+            flags: 0,
+            reserved: 0,
+            tag: self.tag.to_le(),
+            sender: self.sender.to_le(),
+            reply_to: self.reply_to.to_le(),
+            correlation: self.correlation.to_le(),
+        };
+        // SAFETY: callers pass a pointer to a cell they may write (64-aligned, 64 bytes);
+        // RawHeader is 32 bytes with alignment 16.
+        unsafe { cell.cast::<RawHeader>().write(raw) }
+    }
+
+    /// Reads the header at the start of `cell`; `None` for an unknown kind.
+    #[inline]
+    pub fn read_from(cell: &Cell) -> Option<Self> {
+        // SAFETY: a Cell is 64 initialised bytes, 64-aligned; RawHeader is plain data of
+        // 32 bytes (any bit pattern is valid) with alignment 16.
+        let raw = unsafe { std::ptr::from_ref(cell).cast::<RawHeader>().read() };
+        Some(Self {
+            len: u32::from_le(raw.len),
+            kind: FrameKind::from_u8(raw.kind)?,
+            tag: u64::from_le(raw.tag),
+            sender: u32::from_le(raw.sender),
+            reply_to: u32::from_le(raw.reply_to),
+            correlation: u64::from_le(raw.correlation),
+        })
+    }
+
+    /// A skip frame covering `cells` cells.
     pub fn skip_cell(cells: usize) -> Cell {
-        let mut a = [0u8; 16];
-        a[0..4].copy_from_slice(&(cells as u32).to_le_bytes());
-        a[4] = FrameKind::Skip as u8;
-        Cell(a)
+        let mut c = Cell::default();
+        c.0[0..4].copy_from_slice(&(cells as u32).to_le_bytes());
+        c.0[4] = FrameKind::Skip as u8;
+        c
     }
 }
 
-/// Cells needed for `bytes` bytes of payload.
+/// Cells taken by a frame with `payload` bytes of payload.
 #[inline]
-pub const fn payload_cells(bytes: usize) -> usize {
-    bytes.div_ceil(CELL_BYTES)
+pub const fn frame_cells(payload: usize) -> usize {
+    (HEADER_BYTES + payload).div_ceil(CELL_BYTES)
 }
 
 /// The payload of a transfer frame: the moved pointer and the function that drops it.
@@ -160,18 +237,19 @@ pub(crate) struct TransferPayload {
 impl TransferPayload {
     pub const BYTES: usize = 16;
 
-    pub fn encode(&self) -> Cell {
+    pub fn encode(&self) -> [u8; 16] {
         let mut a = [0u8; 16];
         a[0..8].copy_from_slice(&(self.ptr as usize as u64).to_le_bytes());
         a[8..16].copy_from_slice(&(self.drop_fn as usize as u64).to_le_bytes());
-        Cell(a)
+        a
     }
 
     /// # Safety
-    /// `cell` must have been produced by [`TransferPayload::encode`] in this process.
-    pub unsafe fn decode(cell: &Cell) -> Self {
-        let ptr = u64::from_le_bytes(cell.0[0..8].try_into().unwrap_or([0; 8])) as usize;
-        let f = u64::from_le_bytes(cell.0[8..16].try_into().unwrap_or([0; 8])) as usize;
+    /// `bytes` must have been produced by [`TransferPayload::encode`] in this process.
+    pub unsafe fn decode(bytes: &[u8]) -> Self {
+        debug_assert!(bytes.len() >= Self::BYTES);
+        let ptr = le64(bytes, 0) as usize;
+        let f = le64(bytes, 8) as usize;
         debug_assert!(f != 0);
         Self {
             ptr: ptr as *mut u8,
@@ -265,10 +343,10 @@ pub struct RingWriter {
 }
 
 impl RingWriter {
-    pub(crate) fn new(cells: &mut [MaybeUninit<Cell>]) -> Self {
+    pub(crate) fn new(window: &mut [std::mem::MaybeUninit<u8>]) -> Self {
         Self {
-            ptr: cells.as_mut_ptr().cast::<u8>(),
-            cap: cells.len() * CELL_BYTES,
+            ptr: window.as_mut_ptr().cast::<u8>(),
+            cap: window.len(),
             pos: 0,
         }
     }
@@ -313,16 +391,24 @@ mod tests {
             reply_to: 9,
             correlation: u64::MAX - 1,
         };
-        let cells = h.encode();
-        assert_eq!(FrameHeader::decode(&cells), Some(h));
-        assert_eq!(h.frame_cells(), 2 + 78);
+        let bytes = h.encode();
+        assert_eq!(FrameHeader::decode(&bytes), Some(h));
+        let mut cell = Cell::default();
+        h.write_to(&mut cell);
+        assert_eq!(&cell.0[..HEADER_BYTES], &bytes[..]);
+        assert_eq!(FrameHeader::read_from(&cell), Some(h));
+        assert_eq!(h.frame_cells(), (32 + 1234usize).div_ceil(64));
+        assert_eq!(frame_cells(0), 1);
+        assert_eq!(frame_cells(32), 1);
+        assert_eq!(frame_cells(33), 2);
     }
 
     #[test]
     fn unknown_kind_is_rejected() {
         let mut c = FrameHeader::skip_cell(3);
+        assert_eq!(FrameHeader::decode_first(&c.0), Some((3, FrameKind::Skip)));
         c.0[4] = 99;
-        assert_eq!(FrameHeader::decode_first(&c), None);
+        assert_eq!(FrameHeader::decode_first(&c.0), None);
     }
 
     #[test]
@@ -335,8 +421,8 @@ mod tests {
 
     #[test]
     fn writer_reports_overflow() {
-        let mut cells = [MaybeUninit::<Cell>::uninit(); 1];
-        let mut w = RingWriter::new(&mut cells);
+        let mut window = [std::mem::MaybeUninit::<u8>::uninit(); 16];
+        let mut w = RingWriter::new(&mut window);
         assert!(w.write(&[1; 10]).is_ok());
         assert_eq!(w.write(&[1; 7]), Err(RingError::NoRoom));
         assert_eq!(w.pos(), 10);

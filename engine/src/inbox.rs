@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use crate::cluster::{ClusterInner, Stats};
 use crate::endpoint::{Control, IdleState, LocalEndpoint, Mode, Polled, Target};
 use crate::error::{LookupError, SendError, SpawnError};
+use crate::frame::FrameHeader;
 use crate::isolate::IsolateRef;
 use crate::message::{Body, Event, Message};
 use crate::path::{Properties, PropertyValue};
@@ -63,6 +64,7 @@ impl Inbox {
     }
 
     /// The next event if one is waiting.
+    #[inline]
     pub fn try_recv(&self) -> Option<Event<'_>> {
         self.next(None, false)
     }
@@ -72,6 +74,7 @@ impl Inbox {
         self.finished.get()
     }
 
+    #[inline]
     fn next(&self, deadline: Option<Instant>, wait: bool) -> Option<Event<'_>> {
         let mut idle = IdleState::default();
         loop {
@@ -80,22 +83,27 @@ impl Inbox {
             }
             match self.ep.poll() {
                 Some(Polled::Ring { link, frame }) => {
+                    // SAFETY: the frame is in place and uncommitted until the message drops.
+                    let first = unsafe { &*frame.frame };
+                    let Some(header) = FrameHeader::read_from(first) else {
+                        unreachable!("in-process frames have valid headers")
+                    };
                     return Some(Event::Message(Message {
                         ep: &self.ep,
-                        header: frame.header,
+                        header,
                         body: Body::Ring {
                             link,
-                            payload: frame.payload,
+                            frame: frame.frame,
                             cells: frame.cells,
                         },
                         taken: false,
-                    }))
+                    }));
                 }
                 Some(Polled::Owned { frame }) => {
                     return Some(Event::Message(Message {
                         ep: &self.ep,
-                        header: frame.header,
-                        body: Body::Owned(frame.payload),
+                        header: frame.header(),
+                        body: Body::Owned(frame.cells),
                         taken: false,
                     }))
                 }

@@ -12,7 +12,7 @@ use rtrb::{Consumer, Producer, RingBuffer};
 
 use crate::endpoint::EndpointShared;
 use crate::frame::{
-    payload_cells, Cell, FrameHeader, FrameKind, RingError, TransferPayload, HEADER_CELLS,
+    frame_cells, Cell, FrameHeader, FrameKind, RingError, TransferPayload, CELL_BYTES, HEADER_BYTES,
 };
 
 /// What a frame writer produced.
@@ -30,43 +30,110 @@ pub(crate) enum WriteOutcome {
 
 /// Something that can fill the payload of one frame.
 pub(crate) trait FrameSource {
-    /// Writes the payload into `cells` and returns its length in bytes.
-    fn fill(&mut self, cells: &mut [MaybeUninit<Cell>]) -> Result<usize, RingError>;
+    /// Writes the payload into `window` and returns its length in bytes;
+    /// [`RingError::NoRoom`] if the window is too small.
+    fn fill(&mut self, window: &mut [MaybeUninit<u8>]) -> Result<usize, RingError>;
 }
 
-/// A frame held outside a ring: drained from a ring while its owner was blocked
-/// (receiver side), or spilled by a sender that could not wait (sender side).
+/// The payload window of `cells` contiguous cells: everything after the header.
+#[inline]
+fn payload_window(cells: &mut [MaybeUninit<Cell>]) -> &mut [MaybeUninit<u8>] {
+    let bytes = cells.len() * CELL_BYTES;
+    debug_assert!(bytes >= HEADER_BYTES);
+    // SAFETY: `cells` is an exclusive slice of `bytes` bytes; `MaybeUninit<u8>` has no
+    // validity requirement and alignment 1, so viewing its tail past the header as bytes
+    // is sound, and the returned borrow keeps `cells` exclusively borrowed.
+    unsafe {
+        std::slice::from_raw_parts_mut(
+            cells
+                .as_mut_ptr()
+                .cast::<MaybeUninit<u8>>()
+                .add(HEADER_BYTES),
+            bytes - HEADER_BYTES,
+        )
+    }
+}
+
+/// Writes the header at the start of the first cell.
+#[inline]
+fn put_header(cells: &mut [MaybeUninit<Cell>], header: &FrameHeader) {
+    debug_assert!(!cells.is_empty());
+    header.write_to(cells.as_mut_ptr().cast::<Cell>());
+}
+
+/// A whole frame held outside a ring (header and payload in one 64-aligned buffer):
+/// drained from a ring while its owner was blocked (receiver side), or spilled by a
+/// sender that could not wait (sender side).
 pub(crate) struct OwnedFrame {
-    pub header: FrameHeader,
-    pub payload: Box<[Cell]>,
+    pub cells: Box<[Cell]>,
 }
 
 impl OwnedFrame {
+    /// Builds a frame from `src`, growing the buffer up to `max_cells`.
+    pub(crate) fn build(
+        mut header: FrameHeader,
+        src: &mut impl FrameSource,
+        max_cells: usize,
+    ) -> Result<Self, RingError> {
+        let mut n = 1usize;
+        loop {
+            let mut buf: Vec<MaybeUninit<Cell>> = vec![MaybeUninit::new(Cell::default()); n];
+            match src.fill(payload_window(&mut buf)) {
+                Ok(len) => {
+                    header.len = len as u32;
+                    buf.truncate(frame_cells(len));
+                    put_header(&mut buf, &header);
+                    let cells = buf
+                        .into_iter()
+                        // SAFETY: every cell was initialised with `Cell::default()` above
+                        // and then partly overwritten with bytes.
+                        .map(|c| unsafe { c.assume_init() })
+                        .collect();
+                    return Ok(Self { cells });
+                }
+                Err(RingError::NoRoom) if n < max_cells => n = (n * 2).min(max_cells),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The frame's header.
+    pub(crate) fn header(&self) -> FrameHeader {
+        match FrameHeader::read_from(&self.cells[0]) {
+            Some(h) => h,
+            None => unreachable!("owned frames are built with a valid header"),
+        }
+    }
+
     /// Drops the transferred value, if this frame carries one that nobody took.
     pub(crate) fn discard(self) {
-        if self.header.kind == FrameKind::Transfer {
-            if let Some(cell) = self.payload.first() {
-                // SAFETY: transfer frames are only built by `TransferSource` in this
-                // process; the value was not taken (the frame is being discarded whole).
-                unsafe {
-                    let t = TransferPayload::decode(cell);
-                    (t.drop_fn)(t.ptr);
-                }
+        if self.header().kind == FrameKind::Transfer {
+            // SAFETY: transfer frames are only built by `TransferSource` in this process;
+            // the value was not taken (the frame is being discarded whole).
+            unsafe {
+                let t = TransferPayload::decode(&self.cells[0].0[HEADER_BYTES..]);
+                (t.drop_fn)(t.ptr);
             }
         }
     }
 }
 
 impl FrameSource for OwnedFrame {
-    fn fill(&mut self, cells: &mut [MaybeUninit<Cell>]) -> Result<usize, RingError> {
-        let n = self.payload.len();
-        if n > cells.len() {
+    fn fill(&mut self, window: &mut [MaybeUninit<u8>]) -> Result<usize, RingError> {
+        let len = self.header().len as usize;
+        if len > window.len() {
             return Err(RingError::NoRoom);
         }
-        for (dst, src) in cells.iter_mut().zip(self.payload.iter()) {
-            dst.write(*src);
+        // SAFETY: the frame holds `len` payload bytes after its header (it was built by
+        // `build` or drained whole from a ring); the window has room for them (checked).
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.cells.as_ptr().cast::<u8>().add(HEADER_BYTES),
+                window.as_mut_ptr().cast::<u8>(),
+                len,
+            );
         }
-        Ok(self.header.len as usize)
+        Ok(len)
     }
 }
 
@@ -111,6 +178,7 @@ impl OutLink {
 
     /// Writes one frame: `header` (its `len` is set from what `src` wrote) and the payload
     /// `src` produces, contiguous, never wrapping. Publishes it with one index store.
+    #[inline]
     pub(crate) fn write(
         &mut self,
         mut header: FrameHeader,
@@ -125,7 +193,7 @@ impl OutLink {
             };
             let to_end = self.cap - self.pos;
             let contiguous = avail.min(to_end);
-            if contiguous >= HEADER_CELLS {
+            if contiguous >= 1 {
                 let Ok(mut chunk) = self.producer.write_chunk_uninit(contiguous) else {
                     // Cannot happen: `contiguous <= avail`, and free space only grows.
                     refreshed = true;
@@ -133,7 +201,7 @@ impl OutLink {
                 };
                 let (first, _) = chunk.as_mut_slices();
                 debug_assert_eq!(first.len(), contiguous);
-                match src.fill(&mut first[HEADER_CELLS..]) {
+                match src.fill(payload_window(first)) {
                     Ok(len) => {
                         let Ok(len32) = u32::try_from(len) else {
                             return WriteOutcome::TooLarge;
@@ -141,13 +209,10 @@ impl OutLink {
                         header.len = len32;
                         let cells = header.frame_cells();
                         debug_assert!(cells <= contiguous);
-                        let [h0, h1] = header.encode();
-                        first[0].write(h0);
-                        first[1].write(h1);
-                        // Padding bytes of the last cell are never read; leave them.
-                        // SAFETY: cells 0..2 are the header written just above and
-                        // 2..cells hold the `len` payload bytes `fill` wrote; the tail of the
-                        // last cell is padding that no reader interprets.
+                        put_header(first, &header);
+                        // SAFETY: cell 0 starts with the header written just above and the
+                        // `len` payload bytes `fill` wrote follow it; the rest of the last
+                        // cell is padding that no reader interprets.
                         unsafe { chunk.commit(cells) };
                         self.pos += cells;
                         if self.pos == self.cap {
@@ -187,7 +252,7 @@ impl OutLink {
     pub(crate) fn flush_spill(&mut self) -> usize {
         let mut written = 0;
         while let Some(mut f) = self.spill.pop_front() {
-            match self.write(f.header, &mut f) {
+            match self.write(f.header(), &mut f) {
                 WriteOutcome::Written => written += 1,
                 _ => {
                     self.spill.push_front(f);
@@ -199,11 +264,10 @@ impl OutLink {
     }
 }
 
-/// Where the payload of a frame read in place lives.
+/// A frame read in place: its first cell (header, then payload) and its size.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct RingFrame {
-    pub header: FrameHeader,
-    pub payload: *const Cell,
+    pub frame: *const Cell,
     pub cells: usize,
 }
 
@@ -245,8 +309,8 @@ impl InLink {
     #[inline]
     pub(crate) fn peek(&mut self) -> Option<RingFrame> {
         loop {
-            let first = *self.consumer.peek().ok()?;
-            let Some((len, kind)) = FrameHeader::decode_first(&first) else {
+            let first = self.consumer.peek().ok()?;
+            let Some((len, kind)) = FrameHeader::decode_first(&first.0) else {
                 debug_assert!(false, "corrupt frame kind in an in-process ring");
                 return None;
             };
@@ -255,14 +319,18 @@ impl InLink {
                 self.commit(len as usize);
                 continue;
             }
-            let cells = HEADER_CELLS + payload_cells(len as usize);
+            let cells = frame_cells(len as usize);
+            if cells == 1 {
+                return Some(RingFrame {
+                    frame: std::ptr::from_ref(first),
+                    cells,
+                });
+            }
             let chunk = self.consumer.read_chunk(cells).ok()?;
             let (a, b) = chunk.as_slices();
             debug_assert!(b.is_empty(), "frames never wrap");
-            let header = FrameHeader::decode(&[a[0], a[1]])?;
             return Some(RingFrame {
-                header,
-                payload: a[HEADER_CELLS..].as_ptr(),
+                frame: a.as_ptr(),
                 cells,
             });
         }
@@ -271,6 +339,11 @@ impl InLink {
     /// Consumes `cells` cells (a frame previously returned by [`peek`](Self::peek)).
     #[inline]
     pub(crate) fn commit(&mut self, cells: usize) {
+        if cells == 1 {
+            let popped = self.consumer.pop();
+            debug_assert!(popped.is_ok(), "committing a cell the ring does not hold");
+            return;
+        }
         if let Ok(chunk) = self.consumer.read_chunk(cells) {
             chunk.commit_all();
         } else {
@@ -284,13 +357,11 @@ impl InLink {
         debug_assert!(!self.held);
         let mut n = 0;
         while let Some(f) = self.peek() {
-            let payload_len = f.cells - HEADER_CELLS;
-            // SAFETY: `peek` returned a frame whose `cells - HEADER_CELLS` payload cells
-            // are initialised, contiguous and not yet committed (so not overwritten).
-            let payload = unsafe { std::slice::from_raw_parts(f.payload, payload_len) };
+            // SAFETY: `peek` returned `cells` initialised, contiguous cells that are not
+            // yet committed (so not overwritten).
+            let cells = unsafe { std::slice::from_raw_parts(f.frame, f.cells) };
             self.overflow.push_back(OwnedFrame {
-                header: f.header,
-                payload: payload.into(),
+                cells: cells.into(),
             });
             self.commit(f.cells);
             n += 1;
@@ -306,11 +377,13 @@ impl InLink {
             n += 1;
         }
         while let Some(f) = self.peek() {
-            if f.header.kind == FrameKind::Transfer {
-                // SAFETY: the payload cell of a transfer frame written in this process;
-                // nobody took the value (the frame is still in the ring).
+            // SAFETY: `peek` returned a frame in place; its first cell is initialised.
+            let first = unsafe { &*f.frame };
+            if FrameHeader::decode_first(&first.0).map(|(_, k)| k) == Some(FrameKind::Transfer) {
+                // SAFETY: the payload of a transfer frame written in this process; nobody
+                // took the value (the frame is still in the ring).
                 unsafe {
-                    let t = TransferPayload::decode(&*f.payload);
+                    let t = TransferPayload::decode(&first.0[HEADER_BYTES..]);
                     (t.drop_fn)(t.ptr);
                 }
             }

@@ -6,7 +6,9 @@ use rkyv::{Archive, Portable};
 
 use crate::endpoint::{LocalEndpoint, Mode, Target};
 use crate::error::{AccessError, SendError};
-use crate::frame::{type_tag, Cell, FrameHeader, FrameKind, TransferPayload, TypeTag, CELL_BYTES};
+use crate::frame::{
+    type_tag, Cell, FrameHeader, FrameKind, TransferPayload, TypeTag, CELL_BYTES, HEADER_BYTES,
+};
 use crate::isolate::{DownReason, IsolateRef};
 use crate::Payload;
 
@@ -38,10 +40,10 @@ pub(crate) enum Body {
     /// In place in ring `link`; the frame is consumed when the message is dropped.
     Ring {
         link: usize,
-        payload: *const Cell,
+        frame: *const Cell,
         cells: usize,
     },
-    /// Moved out of its ring earlier (the receiver was blocked sending).
+    /// The whole frame, moved out of its ring earlier (the receiver was blocked sending).
     Owned(Box<[Cell]>),
 }
 
@@ -58,11 +60,24 @@ pub struct Message<'a> {
 }
 
 impl<'a> Message<'a> {
-    fn payload_ptr(&self) -> *const Cell {
+    /// The frame's first cell; the payload starts `HEADER_BYTES` into it.
+    fn frame(&self) -> *const Cell {
         match &self.body {
-            Body::Ring { payload, .. } => *payload,
+            Body::Ring { frame, .. } => *frame,
             Body::Owned(b) => b.as_ptr(),
         }
+    }
+
+    fn frame_cells(&self) -> usize {
+        match &self.body {
+            Body::Ring { cells, .. } => *cells,
+            Body::Owned(b) => b.len(),
+        }
+    }
+
+    fn payload_ptr(&self) -> *const u8 {
+        // SAFETY: every frame is at least one cell, longer than the header.
+        unsafe { self.frame().cast::<u8>().add(HEADER_BYTES) }
     }
 
     /// The type tag of the payload.
@@ -87,19 +102,24 @@ impl<'a> Message<'a> {
             return &[];
         }
         let len = self.header.len as usize;
-        debug_assert!(len <= self.payload_cells() * CELL_BYTES);
+        debug_assert!(HEADER_BYTES + len <= self.frame_cells() * CELL_BYTES);
         // SAFETY: the payload holds `len` initialised bytes, 16-aligned, that stay in place
         // (uncommitted ring cells or an owned box) for as long as `self` lives.
-        unsafe { std::slice::from_raw_parts(self.payload_ptr().cast::<u8>(), len) }
+        unsafe { std::slice::from_raw_parts(self.payload_ptr(), len) }
     }
 
-    fn payload_cells(&self) -> usize {
-        match &self.body {
-            Body::Ring { cells, .. } => cells - crate::frame::HEADER_CELLS,
-            Body::Owned(b) => b.len(),
+    fn transfer_payload(&self) -> TransferPayload {
+        // SAFETY: only called on transfer frames, which were written by `TransferSource`
+        // in this process: 16 payload bytes holding a pointer and its drop function.
+        unsafe {
+            TransferPayload::decode(std::slice::from_raw_parts(
+                self.payload_ptr(),
+                TransferPayload::BYTES,
+            ))
         }
     }
 
+    #[inline]
     fn check<T: 'static>(&self, kind: FrameKind) -> Result<(), AccessError> {
         if self.header.kind != kind {
             return Err(match kind {
@@ -160,10 +180,7 @@ impl<'a> Message<'a> {
         self.taken = true;
         // SAFETY: a transfer frame with `T`'s tag was written by `send_transfer::<T>` in
         // this process from `Box::<T>::into_raw`; `taken` guarantees we reclaim it once.
-        unsafe {
-            let t = TransferPayload::decode(&*self.payload_ptr());
-            Ok(Box::from_raw(t.ptr.cast::<T>()))
-        }
+        unsafe { Ok(Box::from_raw(self.transfer_payload().ptr.cast::<T>())) }
     }
 
     /// The id of the sending endpoint.
@@ -236,7 +253,7 @@ impl Drop for Message<'_> {
             // SAFETY: transfer frame written in this process; the value was not taken, so
             // this message is its only owner.
             unsafe {
-                let t = TransferPayload::decode(&*self.payload_ptr());
+                let t = self.transfer_payload();
                 (t.drop_fn)(t.ptr);
             }
         }
