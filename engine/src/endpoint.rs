@@ -739,6 +739,75 @@ impl LocalEndpoint {
         self.send(target, meta, &mut src, mode)
     }
 
+    /// Sends copies of `values` in order, publishing as many frames per index update as
+    /// fit. With [`Mode::Try`], stops at the first full ring and returns how many went.
+    pub(crate) fn send_batch<T: Payload>(
+        &self,
+        target: Target<'_>,
+        values: &[T],
+        mode: Mode,
+    ) -> Result<usize, SendError> {
+        let tag = crate::frame::type_tag::<T>();
+        let mut sent = 0;
+        while sent < values.len() {
+            let written = {
+                let mut guard = self.outbound.borrow_mut();
+                let out = &mut *guard;
+                let i = self.link_index(out, &target)?;
+                let link = &mut out.links[i];
+                if link.spill.is_empty() && !link.target.wake.is_closed() {
+                    let header = FrameHeader {
+                        len: 0,
+                        kind: FrameKind::Copy,
+                        tag,
+                        sender: self.shared.id,
+                        reply_to: self.shared.id,
+                        correlation: 0,
+                    };
+                    let mut arena = self.arena.borrow_mut();
+                    let rest = &values[sent..];
+                    let n = link
+                        .write_batch(header, rest.len(), |k, window| {
+                            CopySource {
+                                value: &rest[k],
+                                arena: &mut arena,
+                            }
+                            .fill(window)
+                        })
+                        .map_err(|_| SendError::Serialize(()))?;
+                    if n > 0 {
+                        let c = &self.shared.counters.sent;
+                        c.store(c.load(Ordering::Relaxed) + n as u64, Ordering::Relaxed);
+                        if link.target.wake.notify() {
+                            link.target.drain_after_close();
+                        }
+                    }
+                    n
+                } else {
+                    0
+                }
+            };
+            if written > 0 {
+                sent += written;
+                continue;
+            }
+            // Nothing fit in the contiguous space: one frame the ordinary way (it wraps,
+            // waits, spills or reports the error).
+            match self.send_copy(
+                Target::Id(target.id()),
+                &values[sent],
+                0,
+                self.shared.id,
+                mode,
+            ) {
+                Ok(()) => sent += 1,
+                Err(SendError::Full(())) if mode == Mode::Try => return Ok(sent),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(sent)
+    }
+
     /// Sends raw bytes with an application tag (top bit clear, see [`TypeTag`]).
     pub(crate) fn send_bytes(
         &self,

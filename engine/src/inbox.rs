@@ -184,6 +184,29 @@ impl Inbox {
             .send_copy(Target::Ref(target), value, 0, self.ep.shared.id, Mode::Try)
     }
 
+    /// Sends copies of every value in `values`, in order, writing as many frames as fit
+    /// into the ring before publishing them with one index update (and one wake-up
+    /// check). Waits while the ring is full, like [`send`](Self::send).
+    pub fn send_batch<T: Payload>(
+        &self,
+        target: &IsolateRef,
+        values: &[T],
+    ) -> Result<(), SendError> {
+        self.ep
+            .send_batch(Target::Ref(target), values, Mode::Block)
+            .map(|_| ())
+    }
+
+    /// Like [`send_batch`](Self::send_batch), but stops when the ring is full: returns how
+    /// many of `values` (a prefix) were sent.
+    pub fn try_send_batch<T: Payload>(
+        &self,
+        target: &IsolateRef,
+        values: &[T],
+    ) -> Result<usize, SendError> {
+        self.ep.send_batch(Target::Ref(target), values, Mode::Try)
+    }
+
     /// Sends raw bytes with an application-chosen tag (for payloads shared with C or
     /// other languages; read them with [`Message::bytes`]). Waits while the ring is full.
     pub fn send_bytes(

@@ -247,6 +247,62 @@ impl OutLink {
         }
     }
 
+    /// Writes frames for values `0..count` (each filled by `fill(k, window)`) into the
+    /// contiguous free space, as many as fit, and publishes them all with one index store.
+    /// Returns how many were written: 0 when not even the first fits there (the caller
+    /// then writes one frame with [`write`](Self::write), which handles wrapping, full
+    /// rings and frames too large for the ring).
+    #[inline]
+    pub(crate) fn write_batch<F>(
+        &mut self,
+        mut header: FrameHeader,
+        count: usize,
+        mut fill: F,
+    ) -> Result<usize, RingError>
+    where
+        F: FnMut(usize, &mut [MaybeUninit<u8>]) -> Result<usize, RingError>,
+    {
+        let contiguous = self.producer.slots().min(self.cap - self.pos);
+        if contiguous == 0 || count == 0 {
+            return Ok(0);
+        }
+        let Ok(mut chunk) = self.producer.write_chunk_uninit(contiguous) else {
+            return Ok(0);
+        };
+        let (first, _) = chunk.as_mut_slices();
+        let mut used = 0;
+        let mut written = 0;
+        let mut failed = false;
+        while written < count && used < contiguous {
+            let frame = &mut first[used..];
+            match fill(written, payload_window(frame)) {
+                Ok(len) => {
+                    header.len = len as u32;
+                    put_header(frame, &header);
+                    used += header.frame_cells();
+                    written += 1;
+                }
+                Err(RingError::NoRoom) => break,
+                Err(RingError::Failed) => {
+                    failed = true;
+                    break;
+                }
+            }
+        }
+        debug_assert!(used <= contiguous);
+        // SAFETY: cells 0..used hold `written` complete frames (header then payload), each
+        // written above; padding at the end of a frame's last cell is never read.
+        unsafe { chunk.commit(used) };
+        self.pos += used;
+        if self.pos == self.cap {
+            self.pos = 0;
+        }
+        if failed && written == 0 {
+            return Err(RingError::Failed);
+        }
+        Ok(written)
+    }
+
     /// Writes spilled frames while they fit. Returns how many were written; the caller
     /// must wake the target if any were.
     pub(crate) fn flush_spill(&mut self) -> usize {
