@@ -566,14 +566,22 @@ impl LocalEndpoint {
             correlation: meta.correlation,
         };
         let link = &mut out.links[i];
-        // The fast path: nothing spilled, the target alive, room in the ring.
+        // The fast path: nothing spilled, room in the ring. A copy send learns whether the
+        // target has closed from `notify`, after publishing (one read of the target's state
+        // word, off the critical path): the frame is then drained, counted as undelivered
+        // and the send reports `Disconnected`. A transfer checks first, so that a value
+        // handed back in an error was never published.
         if link.spill.is_empty()
-            && !link.target.wake.is_closed()
+            && (header.kind != FrameKind::Transfer || !link.target.wake.is_closed())
             && link.write(header, src) == WriteOutcome::Written
         {
             bump(&self.shared.counters.sent);
             if link.target.wake.notify() {
                 link.target.drain_after_close();
+                if header.kind != FrameKind::Transfer {
+                    self.remove_link(out, i);
+                    return Err(SendError::Disconnected(()));
+                }
             }
             return Ok(());
         }
