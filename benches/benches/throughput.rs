@@ -55,8 +55,8 @@ struct RawRtrb<const N: usize> {
 }
 
 impl<const N: usize> RawRtrb<N> {
-    fn new(cores: Cores, ring_bytes: usize) -> Self {
-        let (tx, mut rx) = rtrb::RingBuffer::<[u8; N]>::new((ring_bytes / N.max(8)).max(2));
+    fn new(cores: Cores, messages: usize) -> Self {
+        let (tx, mut rx) = rtrb::RingBuffer::<[u8; N]>::new(messages);
         let progress = Progress::new();
         let p = progress.clone();
         let c0 = cores[0];
@@ -120,8 +120,8 @@ struct Crossbeam<const N: usize> {
 }
 
 impl<const N: usize> Crossbeam<N> {
-    fn new(cores: Cores, ring_bytes: usize) -> Self {
-        let (tx, rx) = crossbeam_channel::bounded::<[u8; N]>((ring_bytes / N.max(8)).max(2));
+    fn new(cores: Cores, messages: usize) -> Self {
+        let (tx, rx) = crossbeam_channel::bounded::<[u8; N]>(messages);
         let progress = Progress::new();
         let p = progress.clone();
         let c0 = cores[0];
@@ -177,9 +177,11 @@ struct Isolates<const N: usize> {
 }
 
 impl<const N: usize> Isolates<N> {
-    fn new(cores: Cores, ring_bytes: usize, batch: usize) -> Self {
+    fn new(cores: Cores, messages: usize, batch: usize) -> Self {
+        // A frame is a 32-byte header and the payload, in whole 64-byte cells.
+        let frame_bytes = (32 + N).div_ceil(64) * 64;
         let cluster = Cluster::builder()
-            .ring_capacity(ring_bytes)
+            .ring_capacity(messages * frame_bytes)
             .wait_strategy(WaitStrategy::BusySpin)
             .core_policy(CorePolicy::Dedicated)
             .cores(vec![cores[0].id])
@@ -260,75 +262,128 @@ impl<const N: usize> Drop for Isolates<N> {
 }
 
 /// iceoryx2 publish-subscribe of `u64` that never drops: the publisher retries until the
-/// subscriber has room.
-fn iceoryx2_8b(cores: Cores, buffer: usize, iters: u64) -> Duration {
-    use iceoryx2::prelude::*;
-    static RUN: AtomicU64 = AtomicU64::new(0);
-    set_log_level(LogLevel::Error);
-    let run = RUN.fetch_add(1, Ordering::Relaxed);
-    let name =
-        ServiceName::new(&format!("icthroughput/{}/{run}", std::process::id())).expect("name");
-    let node = NodeBuilder::new()
-        .config(&iceoryx2::config::Config::default())
-        .create::<local::Service>()
-        .expect("node");
-    let service = node
-        .service_builder(&name)
-        .publish_subscribe::<u64>()
-        .max_publishers(1)
-        .max_subscribers(1)
-        .history_size(0)
-        .subscriber_max_buffer_size(buffer)
-        .enable_safe_overflow(false)
-        .create()
-        .expect("service");
-    let ready = std::sync::Barrier::new(2);
-    let (service, ready) = (&service, &ready);
-    thread::scope(|s| {
-        s.spawn(move || {
+/// subscriber has room. Ports live on their own threads (they are not `Send`); the bench
+/// thread tells the publisher how many to send and waits for the subscriber's count.
+struct Iceoryx2 {
+    orders: Option<std::sync::mpsc::Sender<u64>>,
+    done: std::sync::mpsc::Receiver<()>,
+    progress: Arc<Progress>,
+    sent: u64,
+    threads: Vec<thread::JoinHandle<()>>,
+}
+
+impl Iceoryx2 {
+    fn new(cores: Cores, buffer: usize) -> Self {
+        use iceoryx2::prelude::*;
+        static RUN: AtomicU64 = AtomicU64::new(0);
+        set_log_level(LogLevel::Error);
+        let run = RUN.fetch_add(1, Ordering::Relaxed);
+        let name = format!("icthroughput/{}/{run}", std::process::id());
+        let progress = Progress::new();
+        let (orders, rx) = std::sync::mpsc::channel::<u64>();
+        let (done_tx, done) = std::sync::mpsc::channel::<()>();
+        let ready = Arc::new(std::sync::Barrier::new(2));
+        // One node and service per thread pair, created on the subscriber's thread; the
+        // publisher opens the same service by name.
+        let (p, r, n) = (progress.clone(), ready.clone(), name.clone());
+        let sub = thread::spawn(move || {
             pin(cores[0]);
+            let node = NodeBuilder::new()
+                .config(&iceoryx2::config::Config::default())
+                .create::<local::Service>()
+                .expect("node");
+            let service = node
+                .service_builder(&ServiceName::new(&n).expect("name"))
+                .publish_subscribe::<u64>()
+                .max_publishers(1)
+                .max_subscribers(1)
+                .history_size(0)
+                .subscriber_max_buffer_size(buffer)
+                .enable_safe_overflow(false)
+                .create()
+                .expect("service");
             let sub = service.subscriber_builder().create().expect("subscriber");
-            ready.wait();
-            let mut got = 0u64;
-            while got < iters {
+            r.wait();
+            let mut count = 0u64;
+            while !p.stop.load(Ordering::Relaxed) {
                 match sub.receive().expect("receive") {
                     Some(sample) => {
                         std::hint::black_box(*sample);
-                        got += 1;
+                        count += 1;
+                        if count % 64 == 0 {
+                            p.count.store(count, Ordering::Release);
+                        }
                     }
-                    None => std::hint::spin_loop(),
+                    None => {
+                        p.count.store(count, Ordering::Release);
+                        std::hint::spin_loop();
+                    }
                 }
             }
         });
-        s.spawn(move || {
+        ready.wait();
+        let publ = thread::spawn(move || {
             pin(cores[1]);
+            let node = NodeBuilder::new()
+                .config(&iceoryx2::config::Config::default())
+                .create::<local::Service>()
+                .expect("node");
+            let service = node
+                .service_builder(&ServiceName::new(&name).expect("name"))
+                .publish_subscribe::<u64>()
+                .open()
+                .expect("open service");
             let publ = service
                 .publisher_builder()
                 .backpressure_strategy(BackpressureStrategy::RetryUntilDelivered)
                 .create()
                 .expect("publisher");
-            ready.wait();
-            let t = Instant::now();
-            for i in 0..iters {
-                loop {
-                    if let Ok(sample) = publ.loan_uninit() {
-                        sample.write_payload(i).send().expect("send");
-                        break;
+            let mut i = 0u64;
+            while let Ok(n) = rx.recv() {
+                for _ in 0..n {
+                    loop {
+                        if let Ok(sample) = publ.loan_uninit() {
+                            sample.write_payload(i).send().expect("send");
+                            break;
+                        }
+                        std::hint::spin_loop();
                     }
-                    std::hint::spin_loop();
+                    i += 1;
                 }
+                let _ = done_tx.send(());
             }
-            t
-        })
-        .join()
-        .expect("publisher")
-    })
-    .elapsed()
+        });
+        Self { orders: Some(orders), done, progress, sent: 0, threads: vec![sub, publ] }
+    }
+}
+
+impl Pipeline for Iceoryx2 {
+    fn run(&mut self, n: u64) -> Duration {
+        let t = Instant::now();
+        self.orders.as_ref().expect("open").send(n).expect("publisher alive");
+        // Sleep (do not spin: the publisher shares this thread's core) until it is done.
+        self.done.recv().expect("publisher alive");
+        self.sent += n;
+        self.progress.wait_for(self.sent);
+        t.elapsed()
+    }
+}
+
+impl Drop for Iceoryx2 {
+    fn drop(&mut self) {
+        self.orders = None;
+        self.progress.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
 }
 
 fn sweep<const N: usize>(c: &mut Criterion, cores: Cores) {
-    for (ring, bytes) in [("large ring", 1usize << 20), ("tiny ring", 256)] {
-        let mut g = c.benchmark_group(format!("one-way {N} B, {ring}"));
+    // A large ring holds 1 MiB of payload (at least 4 messages); a tiny one 4 messages.
+    let large = ((1usize << 20) / N).max(4);
+    for (ring, messages) in [("large ring", large), ("tiny ring", 4)] {
+        let mut g = c.benchmark_group(format!("one-way {N} B, {ring} ({messages} messages)"));
         g.throughput(Throughput::Bytes(N as u64));
         let mut run = |name: &str, p: &mut dyn Pipeline| {
             g.bench_function(BenchmarkId::from_parameter(name), |b| {
@@ -343,10 +398,9 @@ fn sweep<const N: usize>(c: &mut Criterion, cores: Cores) {
             &mut Isolates::<N>::new(cores, bytes, 64),
         );
         if N == 8 {
-            let buffer = if bytes > 256 { 4096 } else { 4 };
-            g.bench_function(BenchmarkId::from_parameter("iceoryx2"), |b| {
-                b.iter_custom(|iters| iceoryx2_8b(cores, buffer, iters))
-            });
+            // The publisher's thread is pinned to the producer core, so the bench thread
+            // only hands it the count: iceoryx2's figure includes no extra hop per message.
+            run("iceoryx2", &mut Iceoryx2::new(cores, messages.min(4096)));
         }
         g.finish();
     }

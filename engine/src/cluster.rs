@@ -134,10 +134,9 @@ impl Builder {
     /// Builds the cluster. Nothing runs until the first spawn.
     pub fn build(self) -> Cluster {
         static NEXT_CLUSTER: AtomicU64 = AtomicU64::new(1);
-        let all = core_affinity::get_core_ids().unwrap_or_default();
         let cores = match &self.config.cores {
-            Some(ids) => all.into_iter().filter(|c| ids.contains(&c.id)).collect(),
-            None => all,
+            Some(ids) => ids.iter().map(|&id| core_affinity::CoreId { id }).collect(),
+            None => process_cores(),
         };
         let load = vec![0; cores.len()];
         Cluster {
@@ -154,6 +153,41 @@ impl Builder {
     }
 }
 
+/// The cores this process may use, read once, the first time any cluster is built.
+///
+/// `core_affinity::get_core_ids` reports the *calling thread's* mask: once a thread is
+/// pinned it sees one core, and so would every thread it spawns. Reading the list once,
+/// early, and keeping it avoids that trap (a thread pinned before the first cluster is
+/// built still restricts it: pass `Builder::cores` then).
+fn process_cores() -> Vec<core_affinity::CoreId> {
+    static CORES: std::sync::OnceLock<Vec<core_affinity::CoreId>> = std::sync::OnceLock::new();
+    CORES
+        .get_or_init(|| core_affinity::get_core_ids().unwrap_or_default())
+        .clone()
+}
+
+/// Lets the calling thread run on any of `cores` (undoing a mask inherited from a pinned
+/// spawning thread). Linux only; elsewhere a no-op.
+fn unpin_to(cores: &[core_affinity::CoreId]) {
+    #[cfg(target_os = "linux")]
+    {
+        if cores.is_empty() {
+            return;
+        }
+        // SAFETY: cpu_set_t is plain data, zeroed is a valid empty set; CPU_SET only
+        // writes inside it for ids below CPU_SETSIZE (checked); sched_setaffinity reads it.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            for c in cores {
+                if c.id < libc::CPU_SETSIZE as usize {
+                    libc::CPU_SET(c.id, &mut set);
+                }
+            }
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        }
+    }
+}
+
 struct CoreAllocator {
     cores: Vec<core_affinity::CoreId>,
     load: Vec<u32>,
@@ -161,6 +195,7 @@ struct CoreAllocator {
 
 impl CoreAllocator {
     fn place(&mut self, policy: CorePolicy) -> (Placement, Option<core_affinity::CoreId>) {
+        // An unpinned isolate may run on any core of the cluster (see `unpin_to`).
         if policy == CorePolicy::Unpinned || self.cores.is_empty() {
             return (Placement::Unpinned, None);
         }
@@ -441,10 +476,16 @@ fn run_isolate<F>(
 ) where
     F: FnOnce(&Context),
 {
-    if let Some(c) = core {
-        if !core_affinity::set_for_current(c) {
-            lock(&inner.cores).release(me.placement());
-            me.set_placement(Placement::Unpinned);
+    match core {
+        Some(c) => {
+            if !core_affinity::set_for_current(c) {
+                lock(&inner.cores).release(me.placement());
+                me.set_placement(Placement::Unpinned);
+            }
+        }
+        None => {
+            let cores = lock(&inner.cores).cores.clone();
+            unpin_to(&cores);
         }
     }
     let ep = Rc::new(LocalEndpoint::new(

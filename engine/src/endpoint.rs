@@ -30,8 +30,10 @@ use crate::frame::{
     Cell, FrameHeader, FrameKind, RingError, RingWriter, TransferPayload, TypeTag, CELL_BYTES,
 };
 use crate::isolate::{DownReason, IsolateRef};
-use crate::link::{new_ring, FrameSource, InLink, OutLink, OwnedFrame, RingFrame, WriteOutcome};
-use crate::wake::{nap, WakeState};
+use crate::link::{
+    new_ring, FrameSource, InLink, LinkShared, OutLink, OwnedFrame, RingFrame, WriteOutcome,
+};
+use crate::wake::WakeState;
 use crate::Payload;
 
 /// Locks a mutex, recovering the data if a panicking thread poisoned it (every critical
@@ -42,8 +44,8 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// What travels through an endpoint's control queue.
 pub(crate) enum Control {
-    /// The consumer half of a new ring from `source`.
-    NewLink(rtrb::Consumer<Cell>, u32),
+    /// The receiving half of a new ring from `source`.
+    NewLink(rtrb::Consumer<Cell>, Arc<EndpointShared>, Arc<LinkShared>),
     /// A watched isolate is up.
     Up(IsolateRef),
     /// A watched isolate went down.
@@ -131,8 +133,8 @@ impl EndpointShared {
         };
         g.extend(links);
         for c in pending {
-            if let Control::NewLink(consumer, source) = c {
-                g.push(InLink::new(consumer, source));
+            if let Control::NewLink(consumer, source, shared) = c {
+                g.push(InLink::new(consumer, source, shared));
             }
         }
         drain_graveyard(&mut g, &self.counters)
@@ -210,8 +212,8 @@ impl Inbound {
     fn accept(&mut self, items: VecDeque<Control>) {
         for c in items {
             match c {
-                Control::NewLink(consumer, source) => {
-                    self.links.push(InLink::new(consumer, source))
+                Control::NewLink(consumer, source, shared) => {
+                    self.links.push(InLink::new(consumer, source, shared))
                 }
                 Control::Shutdown => self.shutdown_requested = true,
                 other => self.events.push_back(other),
@@ -500,15 +502,13 @@ impl LocalEndpoint {
         if endpoint.wake.is_closed() {
             return Err(SendError::Disconnected(()));
         }
-        let (producer, consumer) = new_ring(self.cluster.config.ring_cells);
-        if endpoint
-            .enqueue(Control::NewLink(consumer, self.shared.id))
-            .is_err()
-        {
+        let ring = new_ring(self.cluster.config.ring_cells);
+        let control = Control::NewLink(ring.consumer, self.shared.clone(), ring.shared.clone());
+        if endpoint.enqueue(control).is_err() {
             return Err(SendError::Disconnected(()));
         }
         let i = out.links.len();
-        out.links.push(OutLink::new(producer, endpoint));
+        out.links.push(OutLink::new(ring.producer, ring.shared, endpoint));
         out.index.insert(id, i);
         out.last = (id, i);
         Ok(i)
@@ -658,11 +658,35 @@ impl LocalEndpoint {
                 inbound.held > 0
             };
             let spin = self.strategy.spin_time();
-            if holding && start.elapsed() >= spin {
+            let waited_for = start.elapsed();
+            if holding && waited_for >= spin {
                 return self.spill(&mut out.links[i], header, src);
             }
-            backoff(&mut round, start, spin);
+            round += 1;
+            if round < 64 || waited_for < spin {
+                std::hint::spin_loop();
+                continue;
+            }
+            self.wait_for_space(&out.links[i]);
         }
+    }
+
+    /// Sleeps until the receiver frees space in `link` (see `LinkShared`), something
+    /// arrives in this endpoint's own rings, or 1 ms passes (then the caller re-checks
+    /// whether the target has stopped).
+    fn wait_for_space(&self, link: &OutLink) {
+        let free = link.free_cells();
+        link.shared.sender_waiting.store(true, Ordering::Relaxed);
+        self.shared.wake.prepare_park();
+        let moved = link.free_cells() > free
+            || self.shared.control_pending()
+            || self.inbound.borrow().links.iter().any(|l| !l.held && l.ring_has_data());
+        if moved {
+            self.shared.wake.cancel_park();
+        } else {
+            self.shared.wake.park(Some(Instant::now() + Duration::from_millis(1)));
+        }
+        link.shared.sender_waiting.store(false, Ordering::Relaxed);
     }
 
     fn spill(
@@ -961,18 +985,6 @@ pub(crate) struct IdleState {
     since: Option<Instant>,
 }
 
-/// Backoff while waiting for ring space: spin, then yield, then nap up to 1 ms.
-fn backoff(round: &mut u32, start: Instant, spin: Duration) {
-    *round += 1;
-    if *round < 64 {
-        std::hint::spin_loop();
-    } else if start.elapsed() < spin.max(Duration::from_micros(20)) {
-        std::thread::yield_now();
-    } else {
-        let exp = (*round / 64).min(5);
-        nap(Duration::from_micros(30 << exp).min(Duration::from_millis(1)));
-    }
-}
 
 thread_local! {
     /// This thread's endpoint in each cluster it has used.

@@ -6,10 +6,12 @@
 
 use std::collections::VecDeque;
 use std::mem::MaybeUninit;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use rtrb::{Consumer, Producer, RingBuffer};
 
+use crate::barrier;
 use crate::endpoint::EndpointShared;
 use crate::frame::{
     frame_cells, Cell, FrameHeader, FrameKind, RingError, TransferPayload, CELL_BYTES, HEADER_BYTES,
@@ -137,14 +139,41 @@ impl FrameSource for OwnedFrame {
     }
 }
 
+/// What both halves of a link share besides the ring.
+///
+/// `sender_waiting` carries the "wake me when there is space" protocol, the mirror of the
+/// one in `wake.rs`: a sender that finds the ring full sets it, then parks through its own
+/// endpoint's `prepare_park` (a heavy barrier) after re-checking the free space; the
+/// receiver, after freeing cells, issues a light barrier and reads it, and if set clears
+/// it and notifies the sender's endpoint. The hot side (every commit) pays a compiler
+/// fence and one read of a line that is written only when a sender blocks.
+#[derive(Default)]
+pub(crate) struct LinkShared {
+    pub sender_waiting: AtomicBool,
+}
+
+/// A new ring: the producer half, and what the receiver needs to build its `InLink`.
+pub(crate) struct NewRing {
+    pub producer: Producer<Cell>,
+    pub consumer: Consumer<Cell>,
+    pub shared: Arc<LinkShared>,
+}
+
 /// Creates a ring of `cells` cells.
-pub(crate) fn new_ring(cells: usize) -> (Producer<Cell>, Consumer<Cell>) {
-    RingBuffer::new(cells)
+pub(crate) fn new_ring(cells: usize) -> NewRing {
+    let (producer, consumer) = RingBuffer::new(cells);
+    NewRing {
+        producer,
+        consumer,
+        shared: Arc::new(LinkShared::default()),
+    }
 }
 
 /// The sending half of a link.
 pub(crate) struct OutLink {
     producer: Producer<Cell>,
+    /// Shared with the receiving half.
+    pub shared: Arc<LinkShared>,
     /// The receiving endpoint.
     pub target: Arc<EndpointShared>,
     cap: usize,
@@ -155,10 +184,15 @@ pub(crate) struct OutLink {
 }
 
 impl OutLink {
-    pub(crate) fn new(producer: Producer<Cell>, target: Arc<EndpointShared>) -> Self {
+    pub(crate) fn new(
+        producer: Producer<Cell>,
+        shared: Arc<LinkShared>,
+        target: Arc<EndpointShared>,
+    ) -> Self {
         let cap = producer.buffer().capacity();
         Self {
             producer,
+            shared,
             target,
             cap,
             pos: 0,
@@ -169,6 +203,11 @@ impl OutLink {
     /// Ring capacity in cells.
     pub(crate) fn capacity(&self) -> usize {
         self.cap
+    }
+
+    /// Free cells right now.
+    pub(crate) fn free_cells(&self) -> usize {
+        self.producer.slots()
     }
 
     /// Cells the ring currently holds (written, not yet read).
@@ -332,6 +371,9 @@ pub(crate) struct InLink {
     consumer: Consumer<Cell>,
     /// Endpoint id of the producer.
     pub source: u32,
+    /// The producer's endpoint (woken when it waits for space).
+    source_ep: Arc<EndpointShared>,
+    shared: Arc<LinkShared>,
     /// Frames drained from the ring while the owner was blocked; they come first.
     pub overflow: VecDeque<OwnedFrame>,
     /// A message read from this link is held by the user (the ring head is pinned).
@@ -339,10 +381,16 @@ pub(crate) struct InLink {
 }
 
 impl InLink {
-    pub(crate) fn new(consumer: Consumer<Cell>, source: u32) -> Self {
+    pub(crate) fn new(
+        consumer: Consumer<Cell>,
+        source_ep: Arc<EndpointShared>,
+        shared: Arc<LinkShared>,
+    ) -> Self {
         Self {
             consumer,
-            source,
+            source: source_ep.id,
+            source_ep,
+            shared,
             overflow: VecDeque::new(),
             held: false,
         }
@@ -398,13 +446,28 @@ impl InLink {
         if cells == 1 {
             let popped = self.consumer.pop();
             debug_assert!(popped.is_ok(), "committing a cell the ring does not hold");
-            return;
-        }
-        if let Ok(chunk) = self.consumer.read_chunk(cells) {
+        } else if let Ok(chunk) = self.consumer.read_chunk(cells) {
             chunk.commit_all();
         } else {
             debug_assert!(false, "committing more cells than the ring holds");
         }
+        // SYNC POINT with the heavy barrier of a sender parking for space (`LinkShared`).
+        barrier::light();
+        if self.shared.sender_waiting.load(Ordering::Relaxed) {
+            self.wake_sender();
+        }
+    }
+
+    #[cold]
+    fn wake_sender(&self) {
+        if self.shared.sender_waiting.swap(false, Ordering::AcqRel) {
+            self.source_ep.wake.notify();
+        }
+    }
+
+    /// Whether the ring itself (not the overflow queue) has a frame waiting.
+    pub(crate) fn ring_has_data(&self) -> bool {
+        !self.consumer.is_empty()
     }
 
     /// Moves every frame of the ring into `overflow` (frees the ring for the producer).

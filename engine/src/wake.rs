@@ -22,7 +22,7 @@
 //! `tests/loom_wake.rs` checks this exhaustively under the loom model checker.
 
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crate::barrier;
 use crate::sync::{current, park, park_timeout, AtomicU32, Ordering, Thread};
@@ -123,9 +123,4 @@ impl WakeState {
     pub fn is_closed(&self) -> bool {
         self.closed.load(std::sync::atomic::Ordering::Acquire)
     }
-}
-
-/// Parks for at most `d` (used for backoff while waiting for ring space).
-pub(crate) fn nap(d: Duration) {
-    park_timeout(d);
 }
