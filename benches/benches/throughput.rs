@@ -353,14 +353,24 @@ impl Iceoryx2 {
                 let _ = done_tx.send(());
             }
         });
-        Self { orders: Some(orders), done, progress, sent: 0, threads: vec![sub, publ] }
+        Self {
+            orders: Some(orders),
+            done,
+            progress,
+            sent: 0,
+            threads: vec![sub, publ],
+        }
     }
 }
 
 impl Pipeline for Iceoryx2 {
     fn run(&mut self, n: u64) -> Duration {
         let t = Instant::now();
-        self.orders.as_ref().expect("open").send(n).expect("publisher alive");
+        self.orders
+            .as_ref()
+            .expect("open")
+            .send(n)
+            .expect("publisher alive");
         // Sleep (do not spin: the publisher shares this thread's core) until it is done.
         self.done.recv().expect("publisher alive");
         self.sent += n;
@@ -390,12 +400,18 @@ fn sweep<const N: usize>(c: &mut Criterion, cores: Cores) {
                 b.iter_custom(|iters| p.run(iters))
             });
         };
-        run("raw rtrb", &mut RawRtrb::<N>::new(cores, bytes));
-        run("crossbeam-channel", &mut Crossbeam::<N>::new(cores, bytes));
-        run("isolate-cluster", &mut Isolates::<N>::new(cores, bytes, 1));
+        run("raw rtrb", &mut RawRtrb::<N>::new(cores, messages));
+        run(
+            "crossbeam-channel",
+            &mut Crossbeam::<N>::new(cores, messages),
+        );
+        run(
+            "isolate-cluster",
+            &mut Isolates::<N>::new(cores, messages, 1),
+        );
         run(
             "isolate-cluster batched x64",
-            &mut Isolates::<N>::new(cores, bytes, 64),
+            &mut Isolates::<N>::new(cores, messages, 64),
         );
         if N == 8 {
             // The publisher's thread is pinned to the producer core, so the bench thread

@@ -508,7 +508,8 @@ impl LocalEndpoint {
             return Err(SendError::Disconnected(()));
         }
         let i = out.links.len();
-        out.links.push(OutLink::new(ring.producer, ring.shared, endpoint));
+        out.links
+            .push(OutLink::new(ring.producer, ring.shared, endpoint));
         out.index.insert(id, i);
         out.last = (id, i);
         Ok(i)
@@ -680,11 +681,18 @@ impl LocalEndpoint {
         self.shared.wake.prepare_park();
         let moved = link.free_cells() > free
             || self.shared.control_pending()
-            || self.inbound.borrow().links.iter().any(|l| !l.held && l.ring_has_data());
+            || self
+                .inbound
+                .borrow()
+                .links
+                .iter()
+                .any(|l| !l.held && l.ring_has_data());
         if moved {
             self.shared.wake.cancel_park();
         } else {
-            self.shared.wake.park(Some(Instant::now() + Duration::from_millis(1)));
+            self.shared
+                .wake
+                .park(Some(Instant::now() + Duration::from_millis(1)));
         }
         link.shared.sender_waiting.store(false, Ordering::Relaxed);
     }
@@ -984,7 +992,6 @@ pub(crate) struct IdleState {
     round: u32,
     since: Option<Instant>,
 }
-
 
 thread_local! {
     /// This thread's endpoint in each cluster it has used.

@@ -81,9 +81,22 @@ fn try_send_batch_stops_at_a_full_ring_and_says_how_many_went() {
             .unwrap();
         assert_eq!(n, 4, "a 4-cell ring takes four one-cell frames");
         assert_eq!(mailbox.try_send_batch(&sink, &[16u32]), Ok(0));
-        assert_eq!(mailbox.link_occupancy(), [(sink.id(), 256, 256)], "the ring is full");
-        let me = cluster.stats().endpoints.into_iter().find(|e| e.id == mailbox.me().id()).unwrap();
-        assert_eq!((me.sent, me.full), (4, 2), "four sent; the rest of the batch and the lone frame found it full");
+        assert_eq!(
+            mailbox.link_occupancy(),
+            [(sink.id(), 256, 256)],
+            "the ring is full"
+        );
+        let me = cluster
+            .stats()
+            .endpoints
+            .into_iter()
+            .find(|e| e.id == mailbox.me().id())
+            .unwrap();
+        assert_eq!(
+            (me.sent, me.full),
+            (4, 2),
+            "four sent; the rest of the batch and the lone frame found it full"
+        );
         gate.wait();
         let got = expect_message(&mailbox, T, |m| {
             m.get::<Vec<u32>>()
