@@ -10,7 +10,10 @@ use isolate_cluster_benches::cases;
 use std::fmt::Write as _;
 
 use isolate_cluster_benches::report::{self, Case};
-use isolate_cluster_benches::{core_pair, cpu_model, Config};
+use isolate_cluster_benches::{core_pair, cpu_model, Config, CountingAlloc};
+
+#[global_allocator]
+static ALLOC: CountingAlloc = CountingAlloc;
 
 fn main() {
     let cfg = Config::from_env();
@@ -27,82 +30,140 @@ fn main() {
         cores[0].id,
         cores[1].id
     );
-    let mut all: Vec<Case> = Vec::new();
-    let mut run =
-        |group: &'static str, name: &str, f: &dyn Fn() -> hdrhistogram::Histogram<u64>| {
-            let hist = f();
-            println!(
-                "  {name:<40} p50 {:>9}  p99.9 {:>9}  max {:>9}",
-                report::ns(hist.value_at_quantile(0.5)),
-                report::ns(hist.value_at_quantile(0.999)),
-                report::ns(hist.max())
-            );
-            all.push(Case {
-                group,
-                name: name.to_owned(),
-                hist,
-            });
-        };
+    // Every case is registered first, then the whole list runs in rounds, interleaved,
+    // each round recording its share of the samples into the case's histogram: load
+    // that drifts during the run (these machines are shared) hits every peer alike.
+    type Measure = Box<dyn Fn(Config) -> hdrhistogram::Histogram<u64>>;
+    let mut plan: Vec<(&'static str, &'static str, Measure)> = Vec::new();
+    let mut run = |group: &'static str, name: &'static str, f: Measure| plan.push((group, name, f));
 
     // The core comparison: small messages between two spinning threads.
-    run("core", "floor: atomic flag", &|| cases::floor(cfg, cores));
-    run("core", "raw rtrb", &|| cases::raw_rtrb(cfg, cores));
-    run("core", "isolate-cluster copy 8 B", &|| {
-        cases::copy::<u64>(cfg, cores, 7)
-    });
-    run("core", "crossbeam-channel bounded", &|| {
-        cases::crossbeam(cfg, cores)
-    });
-    run("core", "iceoryx2 publish-subscribe", &|| {
-        cases::iceoryx2(cfg, cores)
-    });
-    run("core", "ractor call (request/reply)", &|| {
-        cases::ractor_call(cfg, cores)
-    });
-    run("core", "std::sync::mpsc sync_channel", &|| {
-        cases::std_mpsc(cfg, cores)
-    });
+    run(
+        "core",
+        "floor: atomic flag",
+        Box::new(move |cfg: Config| cases::floor(cfg, cores)),
+    );
+    run(
+        "core",
+        "raw rtrb",
+        Box::new(move |cfg: Config| cases::raw_rtrb(cfg, cores)),
+    );
+    run(
+        "core",
+        "isolate-cluster copy 8 B",
+        Box::new(move |cfg: Config| cases::copy::<u64>(cfg, cores, 7)),
+    );
+    run(
+        "core",
+        "crossbeam-channel bounded",
+        Box::new(move |cfg: Config| cases::crossbeam(cfg, cores)),
+    );
+    run(
+        "core",
+        "iceoryx2 publish-subscribe",
+        Box::new(move |cfg: Config| cases::iceoryx2(cfg, cores)),
+    );
+    run(
+        "core",
+        "ractor call (request/reply)",
+        Box::new(move |cfg: Config| cases::ractor_call(cfg, cores)),
+    );
+    run(
+        "core",
+        "std::sync::mpsc sync_channel",
+        Box::new(move |cfg: Config| cases::std_mpsc(cfg, cores)),
+    );
     // Payload sweep.
-    run("payload", "isolate-cluster copy 8 B ", &|| {
-        cases::copy::<u64>(cfg, cores, 7)
-    });
-    run("payload", "isolate-cluster copy 64 B", &|| {
-        cases::copy::<[u8; 64]>(cfg, cores, [7; 64])
-    });
-    run("payload", "isolate-cluster copy 256 B", &|| {
-        cases::copy::<[u8; 256]>(cfg, cores, [7; 256])
-    });
-    run("payload", "isolate-cluster copy 4 KiB", &|| {
-        cases::copy::<[u8; 4096]>(cfg, cores, [7; 4096])
-    });
-    run("payload", "isolate-cluster transfer 64 KiB", &|| {
-        cases::transfer(cfg, cores, 64 << 10)
-    });
-    run("payload", "isolate-cluster transfer 1 MiB", &|| {
-        cases::transfer(cfg, cores, 1 << 20)
-    });
-    run("payload", "isolate-cluster transfer 16 MiB", &|| {
-        cases::transfer(cfg, cores, 16 << 20)
-    });
+    run(
+        "payload",
+        "isolate-cluster copy 8 B (sweep)",
+        Box::new(move |cfg: Config| cases::copy::<u64>(cfg, cores, 7)),
+    );
+    run(
+        "payload",
+        "isolate-cluster copy 64 B",
+        Box::new(move |cfg: Config| cases::copy::<[u8; 64]>(cfg, cores, [7; 64])),
+    );
+    run(
+        "payload",
+        "isolate-cluster copy 256 B",
+        Box::new(move |cfg: Config| cases::copy::<[u8; 256]>(cfg, cores, [7; 256])),
+    );
+    run(
+        "payload",
+        "isolate-cluster copy 4 KiB",
+        Box::new(move |cfg: Config| cases::copy::<[u8; 4096]>(cfg, cores, [7; 4096])),
+    );
+    run(
+        "payload",
+        "isolate-cluster transfer 64 KiB",
+        Box::new(move |cfg: Config| cases::transfer(cfg, cores, 64 << 10)),
+    );
+    run(
+        "payload",
+        "isolate-cluster transfer 1 MiB",
+        Box::new(move |cfg: Config| cases::transfer(cfg, cores, 1 << 20)),
+    );
+    run(
+        "payload",
+        "isolate-cluster transfer 16 MiB",
+        Box::new(move |cfg: Config| cases::transfer(cfg, cores, 16 << 20)),
+    );
     // Wake-ups: both sides sleep between messages.
     run(
         "wake",
         "isolate-cluster parked (SpinThenPark, no spin)",
-        &|| cases::parked(cfg, cores),
+        Box::new(move |cfg: Config| cases::parked(cfg, cores)),
     );
-    run("wake", "thread park/unpark", &|| {
-        cases::park_unpark(cfg, cores)
-    });
+    run(
+        "wake",
+        "thread park/unpark",
+        Box::new(move |cfg: Config| cases::park_unpark(cfg, cores)),
+    );
     // Fixed rate, measured from the intended send time.
-    run("rate", "raw rtrb at 20k/s", &|| {
-        cases::fixed_rate_rtrb(cfg, cores, 20_000)
-    });
-    run("rate", "isolate-cluster at 20k/s", &|| {
-        cases::fixed_rate(cfg, cores, 20_000)
-    });
-    run("rate", "isolate-cluster at 2k/s (parks)", &|| {
-        cases::fixed_rate(cfg, cores, 2_000)
-    });
+    run(
+        "rate",
+        "raw rtrb at 50k/s",
+        Box::new(move |cfg: Config| cases::fixed_rate_rtrb(cfg, cores, 50_000)),
+    );
+    run(
+        "rate",
+        "isolate-cluster at 50k/s",
+        Box::new(move |cfg: Config| cases::fixed_rate(cfg, cores, 50_000)),
+    );
+    run(
+        "rate",
+        "isolate-cluster at 2k/s (parks)",
+        Box::new(move |cfg: Config| cases::fixed_rate(cfg, cores, 2_000)),
+    );
+
+    let rounds = if cfg.quick { 1 } else { 4 };
+    let round_cfg = Config {
+        samples: cfg.samples / rounds,
+        ..cfg
+    };
+    let mut all: Vec<Case> = plan
+        .iter()
+        .map(|(group, name, _)| Case {
+            group,
+            name: (*name).to_owned(),
+            hist: isolate_cluster_benches::histogram(),
+        })
+        .collect();
+    for _ in 0..rounds {
+        for ((_, _, f), case) in plan.iter().zip(all.iter_mut()) {
+            case.hist.add(f(round_cfg)).expect("same histogram bounds");
+        }
+    }
+    for c in &all {
+        println!(
+            "  {:<48} p50 {:>9}  p99.9 {:>9}  max {:>9}",
+            c.name,
+            report::ns(c.p(0.5)),
+            report::ns(c.p(0.999)),
+            report::ns(c.hist.max())
+        );
+    }
 
     let scale = cases::scale(cfg);
 

@@ -415,21 +415,26 @@ pub fn fixed_rate_rtrb(cfg: Config, cores: Cores, per_sec: u64) -> Histogram<u64
 /// CPU use of idle isolates. Returns a markdown section.
 pub fn scale(cfg: Config) -> String {
     let mut md = String::from("## Scale: random meshes, memory, idle isolates\n\n");
-    let _ = writeln!(md, "| isolates | links | messages/s (all isolates) | RSS per isolate (idle) | RSS per ring (after traffic) |");
-    let _ = writeln!(md, "|---:|---:|---:|---:|---:|");
+    let _ = writeln!(
+        md,
+        "| isolates | links | messages/s (all isolates) | heap per isolate | heap per ring (64 KiB rings) | RSS growth per isolate |"
+    );
+    let _ = writeln!(md, "|---:|---:|---:|---:|---:|---:|");
     let run_for = if cfg.quick {
         Duration::from_millis(300)
     } else {
         Duration::from_secs(2)
     };
     for n in [2usize, 8, 32, 64] {
-        let (rate, links, per_isolate, per_ring) = mesh(n, run_for);
+        let m = mesh(n, run_for);
         let _ = writeln!(
             md,
-            "| {n} | {links} | {:.2} M | {:.0} KiB | {:.1} KiB |",
-            rate / 1e6,
-            per_isolate / 1024.0,
-            per_ring / 1024.0
+            "| {n} | {} | {:.2} M | {:.1} KiB | {:.1} KiB | {:.0} KiB |",
+            m.links,
+            m.rate / 1e6,
+            m.heap_per_isolate / 1024.0,
+            m.heap_per_ring / 1024.0,
+            m.rss_per_isolate / 1024.0
         );
     }
     let idle_for = if cfg.quick {
@@ -448,9 +453,17 @@ pub fn scale(cfg: Config) -> String {
     md
 }
 
+/// What one mesh run measured.
+struct Mesh {
+    rate: f64,
+    links: usize,
+    heap_per_isolate: f64,
+    heap_per_ring: f64,
+    rss_per_isolate: f64,
+}
+
 /// `n` isolates, each sending to 4 random peers (or all, if fewer) for `run_for`.
-/// Returns (messages/s, links, RSS per idle isolate, RSS per ring after traffic).
-fn mesh(n: usize, run_for: Duration) -> (f64, usize, f64, f64) {
+fn mesh(n: usize, run_for: Duration) -> Mesh {
     let ring = 64 << 10;
     let cluster = Cluster::builder()
         .ring_capacity(ring)
@@ -460,6 +473,7 @@ fn mesh(n: usize, run_for: Duration) -> (f64, usize, f64, f64) {
     let received = Arc::new(AtomicU64::new(0));
     let go = Arc::new(AtomicBool::new(false));
     let before = rss_bytes();
+    let heap_before = crate::live_heap_bytes();
     let fanout = 4.min(n - 1);
     for i in 0..n {
         let (stop, received, go) = (stop.clone(), received.clone(), go.clone());
@@ -510,22 +524,24 @@ fn mesh(n: usize, run_for: Duration) -> (f64, usize, f64, f64) {
     }
     thread::sleep(Duration::from_millis(50));
     let idle = rss_bytes();
+    let heap_idle = crate::live_heap_bytes();
     let t = Instant::now();
     go.store(true, Ordering::Release);
     thread::sleep(run_for);
     stop.store(true, Ordering::Relaxed);
     let elapsed = t.elapsed();
-    let busy = rss_bytes();
+    thread::sleep(Duration::from_millis(20));
+    let heap_busy = crate::live_heap_bytes();
     cluster.shutdown();
     cluster.join(Duration::from_secs(30)).expect("mesh stops");
     let links = n * fanout;
-    let rate = received.load(Ordering::Relaxed) as f64 / elapsed.as_secs_f64();
-    (
-        rate,
+    Mesh {
+        rate: received.load(Ordering::Relaxed) as f64 / elapsed.as_secs_f64(),
         links,
-        idle.saturating_sub(before) as f64 / n as f64,
-        busy.saturating_sub(idle) as f64 / links as f64,
-    )
+        heap_per_isolate: (heap_idle - heap_before) as f64 / n as f64,
+        heap_per_ring: (heap_busy - heap_idle) as f64 / links as f64,
+        rss_per_isolate: idle.saturating_sub(before) as f64 / n as f64,
+    }
 }
 
 /// CPU time used by the process while `n` isolates sit idle for `d`.

@@ -124,7 +124,7 @@ pub fn plot_group(path: &Path, title: &str, cases: &[&Case]) -> Result<(), Strin
             if p < 99.0 {
                 format!("{p:.0}%")
             } else {
-                format!("{p:.4}%").trim_end_matches('0').to_owned()
+                format!("{}%", format!("{p:.4}").trim_end_matches('0'))
             }
         })
         .draw()
