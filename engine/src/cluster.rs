@@ -248,6 +248,8 @@ pub struct EndpointStats {
     pub spilled: u64,
     /// Messages sent to this endpoint that it never read (it stopped first).
     pub undelivered: u64,
+    /// Replies that came after their request timed out or was cancelled (dropped).
+    pub late_replies: u64,
 }
 
 /// A snapshot of the cluster's counters.
@@ -447,6 +449,7 @@ impl ClusterInner {
                     full: c.full.load(Ordering::Relaxed),
                     spilled: c.spilled.load(Ordering::Relaxed),
                     undelivered: c.undelivered.load(Ordering::Relaxed),
+                    late_replies: c.late_replies.load(Ordering::Relaxed),
                 }
             })
             .collect();

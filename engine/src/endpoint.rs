@@ -25,9 +25,10 @@ use crossbeam_utils::CachePadded;
 use rkyv::ser::allocator::Arena;
 
 use crate::cluster::{ClusterInner, WaitStrategy};
-use crate::error::SendError;
+use crate::error::{CallError, SendError};
 use crate::frame::{
     Cell, FrameHeader, FrameKind, RingError, RingWriter, TransferPayload, TypeTag, CELL_BYTES,
+    FLAG_CALL, FLAG_ERROR, FLAG_REPLY,
 };
 use crate::isolate::{DownReason, IsolateRef};
 use crate::link::{
@@ -63,6 +64,7 @@ pub(crate) struct Counters {
     pub full: AtomicU64,
     pub spilled: AtomicU64,
     pub undelivered: AtomicU64,
+    pub late_replies: AtomicU64,
 }
 
 #[inline]
@@ -194,6 +196,11 @@ pub(crate) struct Inbound {
     since_event: usize,
     shutdown_requested: bool,
     pub held: usize,
+    /// Requests this endpoint waits for: correlation id → the target asked.
+    pub pending: HashMap<u64, IsolateRef>,
+    /// Replies to pending requests, set aside until their `wait_reply`.
+    pub stash: HashMap<u64, OwnedFrame>,
+    next_request: u64,
 }
 
 /// Frames delivered from one link before the receiver moves on to the next.
@@ -227,20 +234,97 @@ impl Inbound {
             || self.links.iter().any(|l| !l.held && l.has_data())
     }
 
-    /// Takes one frame from link `i`, marking the link held when read in place.
+    /// Takes one frame from link `i`, marking the link held when read in place. Replies
+    /// to requests never come out here: they go to the stash (or are dropped and counted
+    /// when nobody waits for them any more).
     #[inline(always)]
-    fn take_from(&mut self, i: usize) -> Option<Polled> {
-        let l = &mut self.links[i];
-        if l.held {
-            return None;
+    fn take_from(&mut self, i: usize, counters: &Counters) -> Option<Polled> {
+        loop {
+            let l = &mut self.links[i];
+            if l.held {
+                return None;
+            }
+            if let Some(frame) = l.overflow.pop_front() {
+                if frame.header().flags & FLAG_REPLY != 0 {
+                    self.route_reply(frame, counters);
+                    continue;
+                }
+                return Some(Polled::Owned { frame });
+            }
+            let frame = l.peek()?;
+            // SAFETY: `peek` returned a frame in place, initialised and not yet committed.
+            let flags = unsafe { (*frame.frame).0[5] };
+            if flags & FLAG_REPLY != 0 {
+                let owned = l.take_owned(frame);
+                self.route_reply(owned, counters);
+                continue;
+            }
+            l.held = true;
+            self.held += 1;
+            return Some(Polled::Ring { link: i, frame });
         }
-        if let Some(frame) = l.overflow.pop_front() {
-            return Some(Polled::Owned { frame });
+    }
+
+    /// Stashes a reply for its waiting request, or drops a late one and counts it.
+    #[cold]
+    fn route_reply(&mut self, frame: OwnedFrame, counters: &Counters) {
+        let id = frame.header().correlation;
+        if self.pending.contains_key(&id) {
+            if let Some(old) = self.stash.insert(id, frame) {
+                // A second reply to the same request: keep the first, drop this one.
+                let newer = self.stash.insert(id, old);
+                if let Some(f) = newer {
+                    f.discard();
+                }
+                counters.late_replies.fetch_add(1, Ordering::Relaxed);
+            }
+        } else {
+            frame.discard();
+            counters.late_replies.fetch_add(1, Ordering::Relaxed);
         }
-        let frame = l.peek()?;
-        l.held = true;
-        self.held += 1;
-        Some(Polled::Ring { link: i, frame })
+    }
+
+    /// While a request waits: moves every frame of every ring that is not held out of the
+    /// way (replies to the stash, everything else to its link's overflow queue, where it
+    /// keeps its order), so a reply behind other messages is found.
+    fn collect_replies(&mut self, shared: &EndpointShared) {
+        if shared.control_pending() {
+            self.accept(shared.take_control());
+        }
+        for i in 0..self.links.len() {
+            if self.links[i].held {
+                continue;
+            }
+            let mut moved = VecDeque::new();
+            while let Some(f) = self.links[i].peek() {
+                let owned = self.links[i].take_owned(f);
+                if owned.header().flags & FLAG_REPLY != 0 {
+                    self.route_reply(owned, &shared.counters);
+                } else {
+                    moved.push_back(owned);
+                }
+            }
+            // Replies already in the overflow queue go to the stash too.
+            let l = &mut self.links[i];
+            let mut keep = VecDeque::with_capacity(l.overflow.len() + moved.len());
+            let mut replies = Vec::new();
+            for f in l.overflow.drain(..).chain(moved) {
+                if f.header().flags & FLAG_REPLY != 0 {
+                    replies.push(f);
+                } else {
+                    keep.push_back(f);
+                }
+            }
+            l.overflow = keep;
+            for f in replies {
+                self.route_reply(f, &shared.counters);
+            }
+        }
+    }
+
+    /// Whether any ring that is not held has a frame, or control items wait.
+    fn rings_have_data(&self, shared: &EndpointShared) -> bool {
+        shared.control_pending() || self.links.iter().any(|l| !l.held && l.ring_has_data())
     }
 
     #[inline]
@@ -251,7 +335,7 @@ impl Inbound {
         // Messages first (what was sent before an event is usually read before it), but
         // events never wait behind more than `EVENT_EVERY` messages.
         if self.events.is_empty() || self.since_event < EVENT_EVERY {
-            if let Some(p) = self.poll_links() {
+            if let Some(p) = self.poll_links(&shared.counters) {
                 self.since_event += 1;
                 return Some(p);
             }
@@ -271,7 +355,7 @@ impl Inbound {
                 .iter()
                 .position(|l| l.source == id && l.has_data())
             {
-                if let Some(p) = self.take_from(i) {
+                if let Some(p) = self.take_from(i, &shared.counters) {
                     self.events.push_front(ev);
                     return Some(p);
                 }
@@ -281,14 +365,14 @@ impl Inbound {
     }
 
     #[inline]
-    fn poll_links(&mut self) -> Option<Polled> {
+    fn poll_links(&mut self, counters: &Counters) -> Option<Polled> {
         let n = self.links.len();
         let mut i = self.cursor;
         for _ in 0..n {
             if i >= n {
                 i = 0;
             }
-            if let Some(p) = self.take_from(i) {
+            if let Some(p) = self.take_from(i, counters) {
                 if i == self.cursor {
                     self.burst += 1;
                 } else {
@@ -410,10 +494,30 @@ impl FrameSource for TransferSource {
     }
 }
 
+/// Where replies go, and which request a frame answers or opens.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Route {
+    pub correlation: u64,
+    pub reply_to: u32,
+    pub flags: u8,
+}
+
+impl Route {
+    /// A plain message whose replies go to `reply_to`.
+    pub(crate) fn plain(reply_to: u32) -> Self {
+        Self {
+            correlation: 0,
+            reply_to,
+            flags: 0,
+        }
+    }
+}
+
 /// The header fields a sender chooses (the sender id and length are filled in).
 #[derive(Clone, Copy)]
 pub(crate) struct Meta {
     pub kind: FrameKind,
+    pub flags: u8,
     pub tag: TypeTag,
     pub correlation: u64,
     pub reply_to: u32,
@@ -461,6 +565,9 @@ impl LocalEndpoint {
                 since_event: 0,
                 shutdown_requested: false,
                 held: 0,
+                pending: HashMap::new(),
+                stash: HashMap::new(),
+                next_request: 0,
             }),
             outbound: RefCell::new(Outbound {
                 links: Vec::new(),
@@ -561,6 +668,7 @@ impl LocalEndpoint {
         let header = FrameHeader {
             len: 0,
             kind: meta.kind,
+            flags: meta.flags,
             tag: meta.tag,
             sender: self.shared.id,
             reply_to: meta.reply_to,
@@ -761,8 +869,7 @@ impl LocalEndpoint {
         &self,
         target: Target<'_>,
         value: &T,
-        correlation: u64,
-        reply_to: u32,
+        route: Route,
         mode: Mode,
     ) -> Result<(), SendError> {
         let mut arena = self.arena.borrow_mut();
@@ -772,9 +879,10 @@ impl LocalEndpoint {
         };
         let meta = Meta {
             kind: FrameKind::Copy,
+            flags: route.flags,
             tag: crate::frame::type_tag::<T>(),
-            correlation,
-            reply_to,
+            correlation: route.correlation,
+            reply_to: route.reply_to,
         };
         self.send(target, meta, &mut src, mode)
     }
@@ -799,6 +907,7 @@ impl LocalEndpoint {
                     let header = FrameHeader {
                         len: 0,
                         kind: FrameKind::Copy,
+                        flags: 0,
                         tag,
                         sender: self.shared.id,
                         reply_to: self.shared.id,
@@ -833,13 +942,8 @@ impl LocalEndpoint {
             }
             // Nothing fit in the contiguous space: one frame the ordinary way (it wraps,
             // waits, spills or reports the error).
-            match self.send_copy(
-                Target::Id(target.id()),
-                &values[sent],
-                0,
-                self.shared.id,
-                mode,
-            ) {
+            let route = Route::plain(self.shared.id);
+            match self.send_copy(Target::Id(target.id()), &values[sent], route, mode) {
                 Ok(()) => sent += 1,
                 Err(SendError::Full(())) if mode == Mode::Try => return Ok(sent),
                 Err(e) => return Err(e),
@@ -854,14 +958,15 @@ impl LocalEndpoint {
         target: Target<'_>,
         tag: TypeTag,
         bytes: &[u8],
-        correlation: u64,
+        route: Route,
         mode: Mode,
     ) -> Result<(), SendError> {
         let meta = Meta {
             kind: FrameKind::Copy,
+            flags: route.flags,
             tag,
-            correlation,
-            reply_to: self.shared.id,
+            correlation: route.correlation,
+            reply_to: route.reply_to,
         };
         self.send(target, meta, &mut BytesSource(bytes), mode)
     }
@@ -871,8 +976,7 @@ impl LocalEndpoint {
         &self,
         target: Target<'_>,
         value: Box<T>,
-        correlation: u64,
-        reply_to: u32,
+        route: Route,
         mode: Mode,
     ) -> Result<(), SendError<Box<T>>> {
         let ptr = Box::into_raw(value);
@@ -882,9 +986,10 @@ impl LocalEndpoint {
         });
         let meta = Meta {
             kind: FrameKind::Transfer,
+            flags: route.flags,
             tag: crate::frame::type_tag::<T>(),
-            correlation,
-            reply_to,
+            correlation: route.correlation,
+            reply_to: route.reply_to,
         };
         self.send(target, meta, &mut src, mode).map_err(|e| {
             // SAFETY: the send failed, so no frame holds `ptr`: we still own the box.
@@ -949,6 +1054,105 @@ impl LocalEndpoint {
         true
     }
 
+    /// Sends `value` as a request to `target`: a fresh correlation id, remembered until
+    /// its reply is taken or the wait is given up.
+    pub(crate) fn request<T: Payload>(
+        &self,
+        target: &IsolateRef,
+        value: &T,
+    ) -> Result<u64, SendError> {
+        let id = {
+            let mut inb = self.inbound.borrow_mut();
+            inb.next_request += 1;
+            let id = inb.next_request;
+            inb.pending.insert(id, target.clone());
+            id
+        };
+        let route = Route {
+            correlation: id,
+            reply_to: self.shared.id,
+            flags: FLAG_CALL,
+        };
+        match self.send_copy(Target::Ref(target), value, route, Mode::Block) {
+            Ok(()) => Ok(id),
+            Err(e) => {
+                self.inbound.borrow_mut().pending.remove(&id);
+                Err(e)
+            }
+        }
+    }
+
+    /// Forgets request `id`: a reply that still comes is dropped and counted as late.
+    pub(crate) fn forget_request(&self, id: u64) {
+        let mut inb = self.inbound.borrow_mut();
+        inb.pending.remove(&id);
+        if let Some(f) = inb.stash.remove(&id) {
+            f.discard();
+        }
+    }
+
+    /// Waits for the reply to request `id` until `deadline`. Other messages and events
+    /// that arrive meanwhile wait, in order, for the receive loop.
+    pub(crate) fn wait_reply(&self, id: u64, deadline: Instant) -> Result<OwnedFrame, CallError> {
+        let target = match self.inbound.borrow().pending.get(&id) {
+            Some(t) => t.clone(),
+            None => return Err(CallError::UnknownRequest),
+        };
+        let mut idle = IdleState::default();
+        let mut target_gone = false;
+        loop {
+            self.flush_spills();
+            {
+                let mut inb = self.inbound.borrow_mut();
+                inb.collect_replies(&self.shared);
+                if let Some(f) = inb.stash.remove(&id) {
+                    inb.pending.remove(&id);
+                    let h = f.header();
+                    if h.flags & FLAG_ERROR != 0 {
+                        let text = error_text(&f);
+                        f.discard();
+                        return Err(CallError::Remote(text));
+                    }
+                    return Ok(f);
+                }
+            }
+            if target_gone {
+                // The target closed and one more pass found no reply: it never will.
+                self.forget_request(id);
+                let reason = target.wait_down(Duration::from_millis(100));
+                return Err(CallError::TargetDown(reason));
+            }
+            if !target.is_alive() {
+                target_gone = true;
+                continue;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                self.forget_request(id);
+                return Err(CallError::Timeout);
+            }
+            self.idle_for_reply(&mut idle, deadline);
+        }
+    }
+
+    /// Waits a little for a reply: spins first, then parks until a ring gets a frame (or
+    /// `deadline`, or 1 ms to re-check whether the target is still alive).
+    fn idle_for_reply(&self, idle: &mut IdleState, deadline: Instant) {
+        idle.round = idle.round.wrapping_add(1);
+        let now_ish = *idle.since.get_or_insert_with(Instant::now);
+        if idle.round % 64 != 0 || now_ish.elapsed() < self.strategy.spin_time() {
+            std::hint::spin_loop();
+            return;
+        }
+        self.shared.wake.prepare_park();
+        if self.inbound.borrow().rings_have_data(&self.shared) {
+            self.shared.wake.cancel_park();
+            return;
+        }
+        let recheck = Instant::now() + Duration::from_millis(1);
+        self.shared.wake.park(Some(deadline.min(recheck)));
+    }
+
     /// Tears the endpoint down: flushes what spilled frames it can, closes it, drains and
     /// counts what was never read, and removes it from the cluster.
     pub(crate) fn teardown(&self) {
@@ -965,7 +1169,13 @@ impl LocalEndpoint {
         let links = std::mem::take(&mut self.inbound.borrow_mut().links);
         let n = self.shared.close_and_drain(links);
         self.cluster.count_undelivered(n);
-        self.inbound.borrow_mut().events.clear();
+        let mut inb = self.inbound.borrow_mut();
+        inb.events.clear();
+        inb.pending.clear();
+        for (_, f) in inb.stash.drain() {
+            f.discard();
+        }
+        drop(inb);
         self.cluster.forget_endpoint(self.shared.id);
     }
 
@@ -1036,4 +1246,18 @@ pub(crate) fn local_endpoint(
     let ep = make()?;
     LOCAL.try_with(|l| l.borrow_mut().push(ep.clone())).ok()?;
     Some(ep)
+}
+
+/// The text of an error reply (an archived `String`), or a placeholder if it is not one.
+fn error_text(frame: &OwnedFrame) -> String {
+    let h = frame.header();
+    let bytes = frame.payload();
+    if h.kind == FrameKind::Copy && h.tag == crate::frame::type_tag::<String>() {
+        // SAFETY: in-process frames with the tag of `String` were serialised by rkyv from
+        // a `String` (`reply_error`), 16-aligned, ending where the archive ends.
+        let s = unsafe { rkyv::api::access_unchecked::<rkyv::Archived<String>>(bytes) };
+        s.as_str().to_owned()
+    } else {
+        "remote error (no text)".to_owned()
+    }
 }

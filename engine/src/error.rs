@@ -178,6 +178,26 @@ impl<T> PartialEq for SendError<T> {
     }
 }
 
+impl<T> Eq for SendError<T> {}
+
+impl<T> Clone for SendError<T>
+where
+    T: Clone,
+{
+    fn clone(&self) -> Self {
+        match self {
+            Self::Full(v) => Self::Full(v.clone()),
+            Self::Disconnected(v) => Self::Disconnected(v.clone()),
+            Self::TooLarge { value, capacity } => Self::TooLarge {
+                value: value.clone(),
+                capacity: *capacity,
+            },
+            Self::Serialize(v) => Self::Serialize(v.clone()),
+            Self::UnknownTarget(v) => Self::UnknownTarget(v.clone()),
+        }
+    }
+}
+
 impl<T> fmt::Display for SendError<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -300,3 +320,42 @@ impl fmt::Display for MailboxError {
 }
 
 impl std::error::Error for MailboxError {}
+
+/// Why a request got no reply value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CallError {
+    /// The request could not be sent.
+    Send(SendError),
+    /// No reply before the timeout. The request is forgotten: a reply that still comes
+    /// is dropped and counted (`EndpointStats::late_replies`), never handed to another
+    /// request.
+    Timeout,
+    /// The handler answered with an error (`Message::reply_error`); its text.
+    Remote(String),
+    /// The target stopped without replying (a panic in the handler, for example), and
+    /// why, if known.
+    TargetDown(Option<DownReason>),
+    /// No request with this id is waiting (already answered, timed out or cancelled).
+    UnknownRequest,
+}
+
+impl fmt::Display for CallError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Send(e) => write!(f, "the request could not be sent: {e}"),
+            Self::Timeout => f.write_str("no reply before the timeout"),
+            Self::Remote(m) => write!(f, "the handler failed: {m}"),
+            Self::TargetDown(Some(r)) => write!(f, "the target stopped without replying ({r})"),
+            Self::TargetDown(None) => f.write_str("the target stopped without replying"),
+            Self::UnknownRequest => f.write_str("no such request is waiting"),
+        }
+    }
+}
+
+impl std::error::Error for CallError {}
+
+impl From<SendError> for CallError {
+    fn from(e: SendError) -> Self {
+        Self::Send(e)
+    }
+}

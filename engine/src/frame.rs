@@ -15,7 +15,7 @@
 //! |--------|------------------------------------------------------------------|
 //! | 0..4   | `len`: payload bytes (for a skip frame: cells to skip)           |
 //! | 4      | `kind`: [`FrameKind`]                                            |
-//! | 5      | `flags`: reserved, zero                                          |
+//! | 5      | `flags`: [`FLAG_CALL`], [`FLAG_REPLY`], [`FLAG_ERROR`]; others zero |
 //! | 6..8   | reserved, zero                                                   |
 //! | 8..16  | `tag`: [`TypeTag`] of the payload                                |
 //! | 16..20 | `sender`: endpoint id of the sender (0: none)                    |
@@ -56,6 +56,14 @@ pub type TypeTag = u64;
 /// The top bit marks tags derived from Rust types.
 pub const RUST_TAG_BIT: u64 = 1 << 63;
 
+/// Header flag: a request made with `call`/`request`; its replies carry [`FLAG_REPLY`].
+pub const FLAG_CALL: u8 = 1;
+/// Header flag: the reply to a request; `correlation` names the request.
+pub const FLAG_REPLY: u8 = 2;
+/// Header flag (with [`FLAG_REPLY`]): the handler failed; the payload is the error text
+/// (an archived `String`).
+pub const FLAG_ERROR: u8 = 4;
+
 /// What a frame carries.
 #[repr(u8)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -87,6 +95,8 @@ pub struct FrameHeader {
     pub len: u32,
     /// What the payload is.
     pub kind: FrameKind,
+    /// `FLAG_*` bits.
+    pub flags: u8,
     /// Type tag of the payload.
     pub tag: TypeTag,
     /// Endpoint id of the sender, 0 for none.
@@ -144,6 +154,7 @@ impl FrameHeader {
         let mut b = [0u8; HEADER_BYTES];
         b[0..4].copy_from_slice(&self.len.to_le_bytes());
         b[4] = self.kind as u8;
+        b[5] = self.flags;
         b[8..16].copy_from_slice(&self.tag.to_le_bytes());
         b[16..20].copy_from_slice(&self.sender.to_le_bytes());
         b[20..24].copy_from_slice(&self.reply_to.to_le_bytes());
@@ -171,6 +182,7 @@ impl FrameHeader {
         Some(Self {
             len,
             kind,
+            flags: bytes[5],
             tag: le64(bytes, 8),
             sender: le32(bytes, 16),
             reply_to: le32(bytes, 20),
@@ -184,7 +196,7 @@ impl FrameHeader {
         let raw = RawHeader {
             len: self.len.to_le(),
             kind: self.kind as u8,
-            flags: 0,
+            flags: self.flags,
             reserved: 0,
             tag: self.tag.to_le(),
             sender: self.sender.to_le(),
@@ -205,6 +217,7 @@ impl FrameHeader {
         Some(Self {
             len: u32::from_le(raw.len),
             kind: FrameKind::from_u8(raw.kind)?,
+            flags: raw.flags,
             tag: u64::from_le(raw.tag),
             sender: u32::from_le(raw.sender),
             reply_to: u32::from_le(raw.reply_to),
@@ -386,6 +399,7 @@ mod tests {
         let h = FrameHeader {
             len: 1234,
             kind: FrameKind::Transfer,
+            flags: FLAG_REPLY | FLAG_ERROR,
             tag: 0xdead_beef_1234_5678,
             sender: 7,
             reply_to: 9,

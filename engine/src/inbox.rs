@@ -8,15 +8,19 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use crate::cluster::{ClusterInner, Stats};
-use crate::endpoint::{Control, IdleState, LocalEndpoint, Mode, Polled, Target};
-use crate::error::{LookupError, SendError, SpawnError};
+use crate::endpoint::{Control, IdleState, LocalEndpoint, Mode, Polled, Route, Target};
+use crate::error::{CallError, LookupError, SendError, SpawnError};
 use crate::frame::FrameHeader;
 use crate::isolate::IsolateRef;
-use crate::message::{Body, Event, Message};
+use crate::message::{Body, Event, Message, Replier};
 use crate::path::{Properties, PropertyValue};
 use crate::Payload;
 
 type Filter = Box<dyn Fn(&IsolateRef) -> bool>;
+
+/// The id of a request sent with [`Inbox::request`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RequestId(u64);
 
 /// The receiving side of an endpoint: messages and cluster events, one at a time, in one
 /// loop. Reached through a [`Context`] (isolates) or a [`Mailbox`] (other threads).
@@ -171,8 +175,7 @@ impl Inbox {
         self.ep.send_copy(
             Target::Ref(target),
             value,
-            0,
-            self.ep.shared.id,
+            Route::plain(self.ep.shared.id),
             Mode::Block,
         )
     }
@@ -180,8 +183,12 @@ impl Inbox {
     /// Like [`send`](Self::send), but [`SendError::Full`] instead of waiting.
     #[inline]
     pub fn try_send<T: Payload>(&self, target: &IsolateRef, value: &T) -> Result<(), SendError> {
-        self.ep
-            .send_copy(Target::Ref(target), value, 0, self.ep.shared.id, Mode::Try)
+        self.ep.send_copy(
+            Target::Ref(target),
+            value,
+            Route::plain(self.ep.shared.id),
+            Mode::Try,
+        )
     }
 
     /// Sends copies of every value in `values`, in order, writing as many frames as fit
@@ -215,8 +222,13 @@ impl Inbox {
         tag: crate::TypeTag,
         bytes: &[u8],
     ) -> Result<(), SendError> {
-        self.ep
-            .send_bytes(Target::Ref(target), tag, bytes, 0, Mode::Block)
+        self.ep.send_bytes(
+            Target::Ref(target),
+            tag,
+            bytes,
+            Route::plain(self.ep.shared.id),
+            Mode::Block,
+        )
     }
 
     /// Moves `value` to `target`; only the pointer travels.
@@ -228,8 +240,7 @@ impl Inbox {
         self.ep.send_transfer(
             Target::Ref(target),
             value,
-            0,
-            self.ep.shared.id,
+            Route::plain(self.ep.shared.id),
             Mode::Block,
         )
     }
@@ -240,8 +251,83 @@ impl Inbox {
         target: &IsolateRef,
         value: Box<T>,
     ) -> Result<(), SendError<Box<T>>> {
+        self.ep.send_transfer(
+            Target::Ref(target),
+            value,
+            Route::plain(self.ep.shared.id),
+            Mode::Try,
+        )
+    }
+
+    /// Sends `request` to `target` and waits up to `timeout` for its reply, which it
+    /// returns as a message (read it with `get`/`take`). The target answers with
+    /// [`Message::reply`] (or `reply_transfer`, `reply_bytes`), or fails the request with
+    /// [`Message::reply_error`].
+    ///
+    /// While it waits, messages and events from others keep their order and are handed
+    /// out by the next `recv`. A reply is copied once out of its ring (use
+    /// `reply_transfer` for large values). A message from `target` that this endpoint
+    /// still holds blocks that ring: drop it before calling `target`.
+    pub fn call<T: Payload>(
+        &self,
+        target: &IsolateRef,
+        request: &T,
+        timeout: Duration,
+    ) -> Result<Message<'_>, CallError> {
+        let id = self.request(target, request)?;
+        self.wait_reply(id, timeout)
+    }
+
+    /// Sends `request` to `target` without waiting: many requests can be outstanding at
+    /// once, and their replies can come in any order. Collect each with
+    /// [`wait_reply`](Self::wait_reply), or give it up with [`cancel`](Self::cancel).
+    pub fn request<T: Payload>(
+        &self,
+        target: &IsolateRef,
+        request: &T,
+    ) -> Result<RequestId, SendError> {
+        self.ep.request(target, request).map(RequestId)
+    }
+
+    /// Waits up to `timeout` for the reply to `id`. On [`CallError::Timeout`] the request
+    /// is forgotten; a late reply is dropped and counted, never delivered elsewhere.
+    pub fn wait_reply(&self, id: RequestId, timeout: Duration) -> Result<Message<'_>, CallError> {
+        let frame = self.ep.wait_reply(id.0, Instant::now() + timeout)?;
+        Ok(Message {
+            ep: &self.ep,
+            header: frame.header(),
+            body: Body::Owned(frame.cells),
+            taken: false,
+        })
+    }
+
+    /// Answers a message through its [`Replier`] (taken with [`Message::replier`]).
+    pub fn reply<T: Payload>(&self, to: &Replier, value: &T) -> Result<(), SendError> {
+        if to.reply_to == 0 {
+            return Err(SendError::UnknownTarget(()));
+        }
+        let route = to.route(self.ep.shared.id, 0);
         self.ep
-            .send_transfer(Target::Ref(target), value, 0, self.ep.shared.id, Mode::Try)
+            .send_copy(Target::Id(to.reply_to), value, route, Mode::Block)
+    }
+
+    /// Fails a request through its [`Replier`]: the caller gets [`CallError::Remote`].
+    pub fn reply_error(&self, to: &Replier, error: &str) -> Result<(), SendError> {
+        if to.reply_to == 0 {
+            return Err(SendError::UnknownTarget(()));
+        }
+        let route = to.route(self.ep.shared.id, crate::frame::FLAG_ERROR);
+        self.ep.send_copy(
+            Target::Id(to.reply_to),
+            &error.to_owned(),
+            route,
+            Mode::Block,
+        )
+    }
+
+    /// Gives up request `id`: its reply, if it comes, is dropped and counted.
+    pub fn cancel(&self, id: RequestId) {
+        self.ep.forget_request(id.0);
     }
 
     /// Looks up a live isolate by path.

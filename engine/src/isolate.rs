@@ -6,7 +6,7 @@ use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use crate::cluster::ClusterInner;
-use crate::endpoint::{local_endpoint, lock, EndpointShared, LocalEndpoint, Mode, Target};
+use crate::endpoint::{local_endpoint, lock, EndpointShared, LocalEndpoint, Mode, Route, Target};
 use crate::error::{ExitError, SendError};
 use crate::path::{Properties, PropertyValue};
 use crate::Payload;
@@ -220,7 +220,14 @@ impl IsolateRef {
     #[inline]
     pub fn send<T: Payload>(&self, value: &T) -> Result<(), SendError> {
         self.with_local(
-            |ep| ep.send_copy(Target::Ref(self), value, 0, ep.shared.id, Mode::Block),
+            |ep| {
+                ep.send_copy(
+                    Target::Ref(self),
+                    value,
+                    Route::plain(ep.shared.id),
+                    Mode::Block,
+                )
+            },
             (),
         )
     }
@@ -229,7 +236,14 @@ impl IsolateRef {
     #[inline]
     pub fn try_send<T: Payload>(&self, value: &T) -> Result<(), SendError> {
         self.with_local(
-            |ep| ep.send_copy(Target::Ref(self), value, 0, ep.shared.id, Mode::Try),
+            |ep| {
+                ep.send_copy(
+                    Target::Ref(self),
+                    value,
+                    Route::plain(ep.shared.id),
+                    Mode::Try,
+                )
+            },
             (),
         )
     }
@@ -241,7 +255,14 @@ impl IsolateRef {
         reply_to: &IsolateRef,
     ) -> Result<(), SendError> {
         self.with_local(
-            |ep| ep.send_copy(Target::Ref(self), value, 0, reply_to.id(), Mode::Block),
+            |ep| {
+                ep.send_copy(
+                    Target::Ref(self),
+                    value,
+                    Route::plain(reply_to.id()),
+                    Mode::Block,
+                )
+            },
             (),
         )
     }
@@ -253,7 +274,12 @@ impl IsolateRef {
             Some(self.0.cluster.upgrade()?.thread_endpoint())
         });
         match ep {
-            Some(ep) => ep.send_transfer(Target::Ref(self), value, 0, ep.shared.id, Mode::Block),
+            Some(ep) => ep.send_transfer(
+                Target::Ref(self),
+                value,
+                Route::plain(ep.shared.id),
+                Mode::Block,
+            ),
             None => Err(SendError::Disconnected(value)),
         }
     }
@@ -265,7 +291,12 @@ impl IsolateRef {
             Some(self.0.cluster.upgrade()?.thread_endpoint())
         });
         match ep {
-            Some(ep) => ep.send_transfer(Target::Ref(self), value, 0, ep.shared.id, Mode::Try),
+            Some(ep) => ep.send_transfer(
+                Target::Ref(self),
+                value,
+                Route::plain(ep.shared.id),
+                Mode::Try,
+            ),
             None => Err(SendError::Disconnected(value)),
         }
     }

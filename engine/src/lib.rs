@@ -76,12 +76,13 @@ mod wake;
 
 pub use cluster::{Builder, Cluster, CorePolicy, EndpointStats, Stats, WaitStrategy};
 pub use error::{
-    AccessError, ExitError, JoinError, LookupError, MailboxError, PathError, SendError, SpawnError,
+    AccessError, CallError, ExitError, JoinError, LookupError, MailboxError, PathError, SendError,
+    SpawnError,
 };
 pub use frame::{type_tag, TypeTag};
-pub use inbox::{Context, Inbox, Mailbox};
+pub use inbox::{Context, Inbox, Mailbox, RequestId};
 pub use isolate::{DownReason, IsolateRef, Placement};
-pub use message::{Event, Message};
+pub use message::{Event, Message, Replier};
 pub use path::{validate_path, Properties, PropertyValue};
 
 pub use rkyv;

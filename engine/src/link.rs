@@ -107,6 +107,16 @@ impl OwnedFrame {
         }
     }
 
+    /// The payload bytes (16-aligned).
+    pub(crate) fn payload(&self) -> &[u8] {
+        let len = self.header().len as usize;
+        debug_assert!(HEADER_BYTES + len <= self.cells.len() * CELL_BYTES);
+        // SAFETY: the frame holds `len` payload bytes after its header, inside `cells`.
+        unsafe {
+            std::slice::from_raw_parts(self.cells.as_ptr().cast::<u8>().add(HEADER_BYTES), len)
+        }
+    }
+
     /// Drops the transferred value, if this frame carries one that nobody took.
     pub(crate) fn discard(self) {
         if self.header().kind == FrameKind::Transfer {
@@ -470,19 +480,26 @@ impl InLink {
         !self.consumer.is_empty()
     }
 
+    /// Copies a frame read in place out of the ring and consumes it there.
+    pub(crate) fn take_owned(&mut self, f: RingFrame) -> OwnedFrame {
+        // SAFETY: `peek` returned `cells` initialised, contiguous cells that are not yet
+        // committed (so not overwritten); they are copied before the commit.
+        let cells = unsafe { std::slice::from_raw_parts(f.frame, f.cells) };
+        let owned = OwnedFrame {
+            cells: cells.into(),
+        };
+        self.commit(f.cells);
+        owned
+    }
+
     /// Moves every frame of the ring into `overflow` (frees the ring for the producer).
     /// Returns the number of frames moved.
     pub(crate) fn drain_to_overflow(&mut self) -> usize {
         debug_assert!(!self.held);
         let mut n = 0;
         while let Some(f) = self.peek() {
-            // SAFETY: `peek` returned `cells` initialised, contiguous cells that are not
-            // yet committed (so not overwritten).
-            let cells = unsafe { std::slice::from_raw_parts(f.frame, f.cells) };
-            self.overflow.push_back(OwnedFrame {
-                cells: cells.into(),
-            });
-            self.commit(f.cells);
+            let owned = self.take_owned(f);
+            self.overflow.push_back(owned);
             n += 1;
         }
         n

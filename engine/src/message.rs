@@ -4,10 +4,11 @@ use std::fmt;
 
 use rkyv::{Archive, Portable};
 
-use crate::endpoint::{LocalEndpoint, Mode, Target};
+use crate::endpoint::{LocalEndpoint, Mode, Route, Target};
 use crate::error::{AccessError, SendError};
 use crate::frame::{
-    type_tag, Cell, FrameHeader, FrameKind, TransferPayload, TypeTag, CELL_BYTES, HEADER_BYTES,
+    type_tag, Cell, FrameHeader, FrameKind, TransferPayload, TypeTag, CELL_BYTES, FLAG_CALL,
+    FLAG_ERROR, FLAG_REPLY, HEADER_BYTES,
 };
 use crate::isolate::{DownReason, IsolateRef};
 use crate::Payload;
@@ -208,8 +209,7 @@ impl<'a> Message<'a> {
         self.ep.send_copy(
             Target::Id(self.header.reply_to),
             value,
-            self.header.correlation,
-            self.ep.shared.id,
+            self.reply_route(0),
             Mode::Block,
         )
     }
@@ -224,7 +224,7 @@ impl<'a> Message<'a> {
             Target::Id(self.header.reply_to),
             tag,
             bytes,
-            self.header.correlation,
+            self.reply_route(0),
             Mode::Block,
         )
     }
@@ -240,10 +240,73 @@ impl<'a> Message<'a> {
         self.ep.send_transfer(
             Target::Id(self.header.reply_to),
             value,
-            self.header.correlation,
-            self.ep.shared.id,
+            self.reply_route(0),
             Mode::Block,
         )
+    }
+
+    /// Answers a request with an error: the caller's `call`/`wait_reply` returns
+    /// [`CallError::Remote`](crate::CallError::Remote) with this text. For a message that
+    /// is not a request, sends the text as a `String` flagged as an error.
+    pub fn reply_error(&self, error: &str) -> Result<(), SendError> {
+        if self.header.reply_to == 0 {
+            return Err(SendError::UnknownTarget(()));
+        }
+        self.ep.send_copy(
+            Target::Id(self.header.reply_to),
+            &error.to_owned(),
+            self.reply_route(FLAG_ERROR),
+            Mode::Block,
+        )
+    }
+
+    /// The route of a reply to this message: same correlation id, marked as a reply if
+    /// this message is a request.
+    fn reply_route(&self, flags: u8) -> Route {
+        self.replier().route(self.ep.shared.id, flags)
+    }
+
+    /// A detached handle to answer this message later, after it is dropped (to answer
+    /// requests out of order, or from another moment of the receive loop): see
+    /// [`Inbox::reply`](crate::Inbox::reply).
+    pub fn replier(&self) -> Replier {
+        Replier {
+            reply_to: self.header.reply_to,
+            correlation: self.header.correlation,
+            request: self.header.flags & FLAG_CALL != 0,
+        }
+    }
+
+    /// Whether this message is a request (sent with `call`/`request`): reply to it.
+    pub fn is_request(&self) -> bool {
+        self.header.flags & FLAG_CALL != 0
+    }
+
+    /// Whether this message is an error (see [`reply_error`](Self::reply_error)).
+    pub fn is_error(&self) -> bool {
+        self.header.flags & FLAG_ERROR != 0
+    }
+}
+
+/// Where and how to answer a message, kept after the message itself is gone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Replier {
+    pub(crate) reply_to: u32,
+    pub(crate) correlation: u64,
+    pub(crate) request: bool,
+}
+
+impl Replier {
+    pub(crate) fn route(&self, from: u32, flags: u8) -> Route {
+        Route {
+            correlation: self.correlation,
+            reply_to: from,
+            flags: if self.request {
+                FLAG_REPLY | flags
+            } else {
+                flags
+            },
+        }
     }
 }
 

@@ -1,0 +1,218 @@
+//! Request/reply: correlation ids, many outstanding requests answered out of order,
+//! timeouts with late replies dropped and counted, remote errors, panicking handlers.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::with_timeout;
+use isolate_cluster::{CallError, Cluster, Context, DownReason, Event, Properties, SendError};
+
+const T: Duration = Duration::from_secs(20);
+const PANIC: u64 = u64::MAX - 1;
+
+/// Doubles every request; `u64::MAX` fails, `PANIC` panics, values above 1000 are
+/// answered after that many microseconds.
+fn doubler(ctx: &Context) {
+    while let Some(ev) = ctx.recv() {
+        let Event::Message(m) = ev else { continue };
+        let v = m.get::<u64>().unwrap().to_native();
+        match v {
+            u64::MAX => m.reply_error(&format!("bad input: {v}")).unwrap(),
+            PANIC => panic!("unlucky {v}"),
+            v if v > 1000 => {
+                std::thread::sleep(Duration::from_micros(v));
+                m.reply(&(v * 2)).unwrap();
+            }
+            v => m.reply(&(v * 2)).unwrap(),
+        }
+    }
+}
+
+#[test]
+fn a_call_from_main_gets_its_reply() {
+    with_timeout(Duration::from_secs(30), || {
+        let cluster = Cluster::single_node();
+        let d = cluster
+            .spawn("/doubler", Properties::new(), doubler)
+            .unwrap();
+        let mailbox = cluster.mailbox().unwrap();
+        for i in 0..1000u64 {
+            let reply = mailbox.call(&d, &i, T).unwrap();
+            assert_eq!(*reply.get::<u64>().unwrap(), i * 2);
+        }
+        cluster.shutdown();
+        cluster.join(T).unwrap();
+    });
+}
+
+#[test]
+fn many_outstanding_requests_answered_out_of_order() {
+    with_timeout(Duration::from_secs(30), || {
+        let cluster = Cluster::single_node();
+        // Collects 50 requests, then answers them newest first.
+        let rev = cluster
+            .spawn("/reverser", Properties::new(), |ctx| {
+                let mut held = Vec::new();
+                while held.len() < 50 {
+                    if let Some(Event::Message(m)) = ctx.recv() {
+                        assert!(m.is_request());
+                        held.push((m.replier(), m.get::<u64>().unwrap().to_native()));
+                    }
+                }
+                for (replier, v) in held.into_iter().rev() {
+                    ctx.reply(&replier, &(v + 1000)).unwrap();
+                }
+                while ctx.recv().is_some() {}
+            })
+            .unwrap();
+        let mailbox = cluster.mailbox().unwrap();
+        let ids: Vec<_> = (0..50u64)
+            .map(|i| (i, mailbox.request(&rev, &i).unwrap()))
+            .collect();
+        // Collect them in an order unrelated to both the sending and the answering order.
+        let mut order: Vec<usize> = (0..50).collect();
+        order.sort_by_key(|&k| (k * 37) % 50);
+        for k in order {
+            let (i, id) = ids[k];
+            let reply = mailbox.wait_reply(id, T).unwrap();
+            assert_eq!(
+                *reply.get::<u64>().unwrap(),
+                i + 1000,
+                "reply {k} matches its request"
+            );
+        }
+        assert_eq!(
+            mailbox.wait_reply(ids[0].1, T).err(),
+            Some(CallError::UnknownRequest)
+        );
+        cluster.shutdown();
+        cluster.join(T).unwrap();
+    });
+}
+
+#[test]
+fn a_timed_out_call_drops_and_counts_its_late_reply() {
+    with_timeout(Duration::from_secs(30), || {
+        let cluster = Cluster::single_node();
+        let d = cluster
+            .spawn("/doubler", Properties::new(), doubler)
+            .unwrap();
+        let mailbox = cluster.mailbox().unwrap();
+        // Answered after 300 ms; we wait 20 ms.
+        assert_eq!(
+            mailbox
+                .call(&d, &300_000u64, Duration::from_millis(20))
+                .err(),
+            Some(CallError::Timeout)
+        );
+        // The next call gets its own reply, not the late one.
+        let reply = mailbox.call(&d, &21u64, T).unwrap();
+        assert_eq!(*reply.get::<u64>().unwrap(), 42);
+        drop(reply);
+        // A cancelled request's reply is dropped too.
+        let id = mailbox.request(&d, &5u64).unwrap();
+        mailbox.cancel(id);
+        assert_eq!(
+            *mailbox.call(&d, &7u64, T).unwrap().get::<u64>().unwrap(),
+            14
+        );
+        // Nothing else reaches the receive loop.
+        assert!(mailbox.recv_timeout(Duration::from_millis(50)).is_none());
+        let me = cluster
+            .stats()
+            .endpoints
+            .into_iter()
+            .find(|e| e.id == mailbox.me().id())
+            .unwrap();
+        assert_eq!(
+            me.late_replies, 2,
+            "the timed-out reply and the cancelled one"
+        );
+        cluster.shutdown();
+        cluster.join(T).unwrap();
+    });
+}
+
+#[test]
+fn handler_errors_and_panics_reach_the_caller() {
+    with_timeout(Duration::from_secs(30), || {
+        let cluster = Cluster::single_node();
+        let d = cluster
+            .spawn("/doubler", Properties::new(), doubler)
+            .unwrap();
+        let mailbox = cluster.mailbox().unwrap();
+        assert_eq!(
+            mailbox.call(&d, &u64::MAX, T).err(),
+            Some(CallError::Remote(format!("bad input: {}", u64::MAX)))
+        );
+        let t = Instant::now();
+        assert_eq!(
+            mailbox.call(&d, &PANIC, T).err(),
+            Some(CallError::TargetDown(Some(DownReason::Panicked(format!(
+                "unlucky {PANIC}"
+            )))))
+        );
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the panic is noticed, not waited out"
+        );
+        assert_eq!(
+            mailbox.call(&d, &1u64, T).err(),
+            Some(CallError::Send(SendError::Disconnected(())))
+        );
+        cluster.join(T).unwrap();
+    });
+}
+
+#[test]
+fn isolates_call_each_other_and_other_messages_keep_their_order() {
+    with_timeout(Duration::from_secs(30), || {
+        let cluster = Cluster::single_node();
+        let mailbox = cluster.mailbox().unwrap();
+        let main_ref = mailbox.me().clone();
+        let d = cluster
+            .spawn("/doubler", Properties::new(), doubler)
+            .unwrap();
+        let caller = cluster
+            .spawn("/caller", Properties::new(), move |ctx| {
+                // Wait for main's go, then call while main's numbered messages arrive.
+                let mut seen = Vec::new();
+                if let Some(Event::Message(m)) = ctx.recv() {
+                    seen.push(m.get::<u32>().unwrap().to_native());
+                }
+                let mut sum = 0u64;
+                for i in 0..100u64 {
+                    sum += ctx
+                        .call(&d, &i, T)
+                        .unwrap()
+                        .get::<u64>()
+                        .unwrap()
+                        .to_native();
+                }
+                while seen.len() < 1000 {
+                    if let Some(Event::Message(m)) = ctx.recv() {
+                        seen.push(m.get::<u32>().unwrap().to_native());
+                    }
+                }
+                let in_order = seen.iter().enumerate().all(|(k, &v)| v == k as u32);
+                ctx.send(&main_ref, &(sum, in_order)).unwrap();
+                while ctx.recv().is_some() {}
+            })
+            .unwrap();
+        for k in 0..1000u32 {
+            caller.send(&k).unwrap();
+        }
+        let (sum, in_order) = common::expect_message(&mailbox, T, |m| {
+            let r = m.get::<(u64, bool)>().unwrap();
+            (r.0.to_native(), r.1)
+        });
+        assert_eq!(sum, (0..100u64).map(|i| i * 2).sum::<u64>());
+        assert!(
+            in_order,
+            "messages that arrived during the calls kept their order"
+        );
+        cluster.shutdown();
+        cluster.join(T).unwrap();
+    });
+}
