@@ -461,7 +461,7 @@ impl ClusterInner {
     }
 }
 
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = payload.downcast_ref::<&str>() {
         (*s).to_owned()
     } else if let Some(s) = payload.downcast_ref::<String>() {
@@ -570,6 +570,54 @@ impl Cluster {
     /// Looks up a live isolate by path.
     pub fn lookup(&self, path: &str) -> Result<IsolateRef, LookupError> {
         self.inner.lookup(path)
+    }
+
+    /// Runs `f` on a new short-lived isolate and returns its result, moved out of the
+    /// isolate without a copy (Dart's `Isolate.run`). A panic in `f` is
+    /// [`RunError::Panicked`](crate::RunError::Panicked) with its message.
+    ///
+    /// ```
+    /// let cluster = isolate_cluster::Cluster::single_node();
+    /// let sum = cluster.run(|| (1..=100u64).sum::<u64>()).unwrap();
+    /// assert_eq!(*sum, 5050);
+    /// ```
+    pub fn run<T, F>(&self, f: F) -> Result<Box<T>, crate::RunError>
+    where
+        F: FnOnce() -> T + Send + 'static,
+        T: Send + 'static,
+    {
+        crate::work::run(&self.inner, f)
+    }
+
+    /// `run(move || f(arg))`, as Flutter's `compute`.
+    pub fn compute<A, T>(&self, f: fn(A) -> T, arg: A) -> Result<Box<T>, crate::RunError>
+    where
+        A: Send + 'static,
+        T: Send + 'static,
+    {
+        self.run(move || f(arg))
+    }
+
+    /// Spawns a pool of `size` long-lived isolates at `path/0`, `path/1`, ... that run
+    /// closures (see [`WorkerPool::run`](crate::WorkerPool::run)).
+    pub fn worker_pool(&self, path: &str, size: usize) -> Result<crate::WorkerPool, SpawnError> {
+        crate::WorkerPool::spawn(&self.inner, path, size)
+    }
+
+    /// Spawns a [`Worker`](crate::Worker) at `path` answering each `Req` with
+    /// `handler(&archived_request)`.
+    pub fn worker<Req, Resp, H>(
+        &self,
+        path: &str,
+        handler: H,
+    ) -> Result<crate::Worker<Req, Resp>, SpawnError>
+    where
+        Req: crate::Payload + rkyv::Archive,
+        Req::Archived: rkyv::Portable,
+        Resp: crate::Payload,
+        H: FnMut(&Req::Archived) -> Result<Resp, String> + Send + 'static,
+    {
+        crate::Worker::spawn(&self.inner, path, handler)
     }
 
     /// The calling thread's mailbox: where replies to its sends arrive, and its cluster

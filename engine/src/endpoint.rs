@@ -1082,6 +1082,33 @@ impl LocalEndpoint {
         }
     }
 
+    /// Like [`request`](Self::request), moving `value` instead of copying it.
+    pub(crate) fn request_transfer<T: Send + 'static>(
+        &self,
+        target: &IsolateRef,
+        value: Box<T>,
+    ) -> Result<u64, SendError<Box<T>>> {
+        let id = {
+            let mut inb = self.inbound.borrow_mut();
+            inb.next_request += 1;
+            let id = inb.next_request;
+            inb.pending.insert(id, target.clone());
+            id
+        };
+        let route = Route {
+            correlation: id,
+            reply_to: self.shared.id,
+            flags: FLAG_CALL,
+        };
+        match self.send_transfer(Target::Ref(target), value, route, Mode::Block) {
+            Ok(()) => Ok(id),
+            Err(e) => {
+                self.inbound.borrow_mut().pending.remove(&id);
+                Err(e)
+            }
+        }
+    }
+
     /// Forgets request `id`: a reply that still comes is dropped and counted as late.
     pub(crate) fn forget_request(&self, id: u64) {
         let mut inb = self.inbound.borrow_mut();

@@ -337,6 +337,10 @@ pub enum CallError {
     TargetDown(Option<DownReason>),
     /// No request with this id is waiting (already answered, timed out or cancelled).
     UnknownRequest,
+    /// The worker was closed; it takes no new requests.
+    Closed,
+    /// The reply is of another type than the one expected.
+    Access(AccessError),
 }
 
 impl fmt::Display for CallError {
@@ -348,6 +352,8 @@ impl fmt::Display for CallError {
             Self::TargetDown(Some(r)) => write!(f, "the target stopped without replying ({r})"),
             Self::TargetDown(None) => f.write_str("the target stopped without replying"),
             Self::UnknownRequest => f.write_str("no such request is waiting"),
+            Self::Closed => f.write_str("the worker is closed"),
+            Self::Access(e) => write!(f, "unexpected reply: {e}"),
         }
     }
 }
@@ -359,3 +365,23 @@ impl From<SendError> for CallError {
         Self::Send(e)
     }
 }
+
+/// Why `run`/`compute` produced no value.
+#[derive(Debug)]
+pub enum RunError {
+    /// The isolate could not be spawned.
+    Spawn(SpawnError),
+    /// The closure panicked; the panic message.
+    Panicked(String),
+}
+
+impl fmt::Display for RunError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Spawn(e) => write!(f, "could not spawn the isolate: {e}"),
+            Self::Panicked(m) => write!(f, "the closure panicked: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for RunError {}

@@ -22,6 +22,12 @@ type Filter = Box<dyn Fn(&IsolateRef) -> bool>;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct RequestId(u64);
 
+impl RequestId {
+    pub(crate) fn from_raw(id: u64) -> Self {
+        Self(id)
+    }
+}
+
 /// The receiving side of an endpoint: messages and cluster events, one at a time, in one
 /// loop. Reached through a [`Context`] (isolates) or a [`Mailbox`] (other threads).
 ///
@@ -369,6 +375,10 @@ impl Inbox {
     pub(crate) fn cluster(&self) -> &std::sync::Arc<ClusterInner> {
         &self.ep.cluster
     }
+
+    pub(crate) fn ep(&self) -> &LocalEndpoint {
+        &self.ep
+    }
 }
 
 impl Drop for Inbox {
@@ -496,6 +506,16 @@ impl Context {
         F: FnOnce(&Context) + Send + 'static,
     {
         ClusterInner::spawn(self.inbox.cluster(), path, properties, entry)
+    }
+
+    /// Runs `f` on a new short-lived isolate and returns its result, moved out without a
+    /// copy (Dart's `Isolate.run`). Blocks this isolate until `f` is done.
+    pub fn run<T, F>(&self, f: F) -> Result<Box<T>, crate::RunError>
+    where
+        F: FnOnce() -> T + Send + 'static,
+        T: Send + 'static,
+    {
+        crate::work::run(self.inbox.cluster(), f)
     }
 
     /// Ends this isolate now and hands `value` to whoever waits with

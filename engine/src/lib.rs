@@ -73,17 +73,19 @@ mod sync;
 pub mod wake;
 #[cfg(not(loom))]
 mod wake;
+mod work;
 
 pub use cluster::{Builder, Cluster, CorePolicy, EndpointStats, Stats, WaitStrategy};
 pub use error::{
-    AccessError, CallError, ExitError, JoinError, LookupError, MailboxError, PathError, SendError,
-    SpawnError,
+    AccessError, CallError, ExitError, JoinError, LookupError, MailboxError, PathError, RunError,
+    SendError, SpawnError,
 };
 pub use frame::{type_tag, TypeTag};
 pub use inbox::{Context, Inbox, Mailbox, RequestId};
 pub use isolate::{DownReason, IsolateRef, Placement};
 pub use message::{Event, Message, Replier};
 pub use path::{validate_path, Properties, PropertyValue};
+pub use work::{Worker, WorkerPool};
 
 pub use rkyv;
 
