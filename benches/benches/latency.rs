@@ -60,6 +60,11 @@ fn main() {
     );
     run(
         "core",
+        "isolate-cluster call (request/reply)",
+        Box::new(move |cfg: Config| cases::call(cfg, cores)),
+    );
+    run(
+        "core",
         "iceoryx2 publish-subscribe",
         Box::new(move |cfg: Config| cases::iceoryx2(cfg, cores)),
     );
@@ -165,7 +170,7 @@ fn main() {
         );
     }
 
-    let scale = cases::scale(cfg);
+    let scale = cases::scale(cfg) + &cases::jobs(cfg);
 
     let dir = report::new_dir().expect("report folder");
     let groups = [

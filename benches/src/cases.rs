@@ -611,6 +611,17 @@ pub fn targets(all: &[Case]) -> String {
                 0.25,
             );
         }
+        if let (Some(c), Some(rtrb)) = (
+            find("isolate-cluster call (request/reply)"),
+            find("raw rtrb"),
+        ) {
+            line(
+                &mut s,
+                "call round trip p50 / raw rtrb p50",
+                c.p(0.5) as f64 / rtrb.p(0.5) as f64,
+                1.3,
+            );
+        }
         if let Some(t) = find("isolate-cluster transfer 1 MiB") {
             line(
                 &mut s,
@@ -773,4 +784,73 @@ pub fn ractor_call(cfg: Config, cores: Cores) -> Histogram<u64> {
     actor.stop(None);
     let _ = rt.block_on(handle);
     h
+}
+
+/// isolate-cluster `call` round trip (request with a correlation id, reply routed back to
+/// the waiting request), spinning receivers.
+pub fn call(cfg: Config, cores: Cores) -> Histogram<u64> {
+    let cluster = cluster(cores, WaitStrategy::BusySpin);
+    isolate_pair(&cluster, echo_bytes, move |ctx, pong| {
+        let mut h = histogram();
+        for i in 0..cfg.warmup + cfg.samples {
+            let t = Instant::now();
+            let reply = ctx
+                .call(pong, &(i as u64), Duration::from_secs(10))
+                .expect("call");
+            drop(reply);
+            if i >= cfg.warmup {
+                record_since(&mut h, t);
+            }
+        }
+        h
+    })
+}
+
+/// The cost of one small job: a fresh isolate per job (`run`) or a pooled worker.
+pub fn jobs(cfg: Config) -> String {
+    let cluster = Cluster::single_node();
+    let n = if cfg.quick { 200 } else { 2_000 };
+    let mut spawn = histogram();
+    for i in 0..n {
+        let t = Instant::now();
+        let r = cluster.run(move || i * 2).expect("run");
+        std::hint::black_box(r);
+        record_since(&mut spawn, t);
+    }
+    // One worker: with two, both spin for 50 µs after each job (SpinThenPark) and take
+    // both cores from the caller on this 2-core machine.
+    let pool = cluster.worker_pool("/pool", 1).expect("pool");
+    let mailbox = cluster.mailbox().expect("mailbox");
+    let mut pooled = histogram();
+    for i in 0..n {
+        let t = Instant::now();
+        let r = pool
+            .run(&mailbox, move || i * 2, Duration::from_secs(10))
+            .expect("job");
+        std::hint::black_box(r);
+        record_since(&mut pooled, t);
+    }
+    cluster.shutdown();
+    cluster.join(Duration::from_secs(10)).expect("stop");
+    let mut md = String::from("## Jobs: an isolate per job (`run`) vs a worker pool\n\n");
+    let _ = writeln!(md, "| {n} jobs returning a number | p50 | p99 | max |");
+    let _ = writeln!(md, "|---|---:|---:|---:|");
+    for (name, h) in [
+        ("`Cluster::run` (spawn per job)", &spawn),
+        ("`WorkerPool::run` (1 worker)", &pooled),
+    ] {
+        let _ = writeln!(
+            md,
+            "| {name} | {} | {} | {} |",
+            crate::report::ns(h.value_at_quantile(0.5)),
+            crate::report::ns(h.value_at_quantile(0.99)),
+            crate::report::ns(h.max())
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\nPooled / spawned p50: {:.3}×.\n",
+        pooled.value_at_quantile(0.5) as f64 / spawn.value_at_quantile(0.5).max(1) as f64
+    );
+    md
 }
