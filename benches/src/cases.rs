@@ -266,7 +266,9 @@ where
             let t = Instant::now();
             ctx.send(pong, &value).expect("send");
             match ctx.recv() {
-                Some(Event::Message(m)) => debug_assert!(m.get::<T>().is_ok()),
+                Some(Event::Message(m)) => {
+                    debug_assert_eq!(m.tag(), isolate_cluster::type_tag::<T>())
+                }
                 other => panic!("unexpected {other:?}"),
             }
             if i >= cfg.warmup {

@@ -147,7 +147,7 @@ impl Builder {
                 all_down: Condvar::new(),
                 next_id: AtomicU32::new(1),
                 cores: Mutex::new(CoreAllocator { cores, load }),
-                undelivered: AtomicU64::new(0),
+                undelivered: Arc::new(AtomicU64::new(0)),
             }),
         }
     }
@@ -268,7 +268,7 @@ pub(crate) struct ClusterInner {
     all_down: Condvar,
     next_id: AtomicU32,
     cores: Mutex<CoreAllocator>,
-    undelivered: AtomicU64,
+    undelivered: Arc<AtomicU64>,
 }
 
 impl ClusterInner {
@@ -294,7 +294,10 @@ impl ClusterInner {
             return Err(SpawnError::Duplicate(path.to_owned()));
         }
         let (placement, core) = lock(&self.cores).place(self.config.core_policy);
-        let shared = Arc::new(EndpointShared::new(self.next_id()));
+        let shared = Arc::new(EndpointShared::new(
+            self.next_id(),
+            self.undelivered.clone(),
+        ));
         let me = IsolateRef::new(
             path.to_owned(),
             props,
@@ -324,7 +327,7 @@ impl ClusterInner {
     /// A new endpoint for the calling thread (not an isolate).
     pub(crate) fn thread_endpoint(self: &Arc<Self>) -> Rc<LocalEndpoint> {
         let id = self.next_id();
-        let shared = Arc::new(EndpointShared::new(id));
+        let shared = Arc::new(EndpointShared::new(id, self.undelivered.clone()));
         let name = std::thread::current()
             .name()
             .map(|n| format!("@{n}-{id}"))
@@ -371,12 +374,6 @@ impl ClusterInner {
             }
         }
         reg.watchers.retain(|w| w.id() != id);
-    }
-
-    pub(crate) fn count_undelivered(&self, n: u64) {
-        if n > 0 {
-            self.undelivered.fetch_add(n, Ordering::Relaxed);
-        }
     }
 
     /// Registers `me` as a watcher and replays every live isolate to it.
@@ -653,7 +650,11 @@ impl Drop for Cluster {
         self.inner.request_shutdown();
         let _ = self.inner.join(self.inner.config.drop_timeout);
         if let Some(ep) = uninstall_local(self.inner.id) {
-            ep.teardown();
+            // With a mailbox open (its messages may still be alive), the endpoint is torn
+            // down when the mailbox drops it.
+            if !ep.inbox_open.get() {
+                ep.teardown();
+            }
         }
     }
 }

@@ -81,17 +81,28 @@ pub(crate) struct EndpointShared {
     control: Mutex<VecDeque<Control>>,
     graveyard: Mutex<Vec<InLink>>,
     pub counters: CachePadded<Counters>,
+    /// The cluster's total of messages never read (outlives any one endpoint).
+    cluster_undelivered: Arc<AtomicU64>,
 }
 
 impl EndpointShared {
-    pub(crate) fn new(id: u32) -> Self {
+    pub(crate) fn new(id: u32, cluster_undelivered: Arc<AtomicU64>) -> Self {
         Self {
             id,
+            cluster_undelivered,
             wake: CachePadded::new(WakeState::new()),
             control_pending: CachePadded::new(AtomicBool::new(false)),
             control: Mutex::new(VecDeque::new()),
             graveyard: Mutex::new(Vec::new()),
             counters: CachePadded::new(Counters::default()),
+        }
+    }
+
+    /// Counts `n` messages sent to this endpoint that will never be read.
+    pub(crate) fn count_undelivered(&self, n: u64) {
+        if n > 0 {
+            self.counters.undelivered.fetch_add(n, Ordering::Relaxed);
+            self.cluster_undelivered.fetch_add(n, Ordering::Relaxed);
         }
     }
 
@@ -139,25 +150,44 @@ impl EndpointShared {
                 g.push(InLink::new(consumer, source, shared));
             }
         }
-        drain_graveyard(&mut g, &self.counters)
+        let (n, drops) = drain_graveyard(&mut g);
+        drop(g);
+        self.count_undelivered(n);
+        run_drops(drops);
+        n
     }
 
     /// Discards what a sender published after the endpoint closed (called by that
     /// sender, who saw `CLOSED` after publishing).
     pub(crate) fn drain_after_close(&self) -> u64 {
         let mut g = lock(&self.graveyard);
-        drain_graveyard(&mut g, &self.counters)
+        let (n, drops) = drain_graveyard(&mut g);
+        drop(g);
+        self.count_undelivered(n);
+        run_drops(drops);
+        n
     }
 }
 
-fn drain_graveyard(g: &mut Vec<InLink>, counters: &Counters) -> u64 {
+/// Consumes every frame in the graveyard's rings. Returns how many, and the transferred
+/// values to drop once the graveyard lock is released (their `Drop` is user code).
+fn drain_graveyard(g: &mut Vec<InLink>) -> (u64, Vec<TransferPayload>) {
     let mut n = 0;
+    let mut drops = Vec::new();
     for l in g.iter_mut() {
-        n += l.discard_all();
+        n += l.discard_all(&mut drops);
     }
     g.retain(|l| !l.is_finished());
-    counters.undelivered.fetch_add(n, Ordering::Relaxed);
-    n
+    (n, drops)
+}
+
+/// Drops transferred values nobody took.
+fn run_drops(drops: Vec<TransferPayload>) {
+    for t in drops {
+        // SAFETY: each payload comes from a transfer frame of this process that was
+        // consumed without its value being taken: we are its only owner.
+        unsafe { (t.drop_fn)(t.ptr) };
+    }
 }
 
 /// Hashes endpoint ids (already unique small integers) as themselves.
@@ -585,6 +615,12 @@ impl LocalEndpoint {
     /// Finds or creates the link to `target`.
     #[inline]
     fn link_index(&self, out: &mut Outbound, target: &Target<'_>) -> Result<usize, SendError> {
+        if let Target::Ref(r) = target {
+            if r.0.cluster_id != self.cluster.id {
+                // Ids are per cluster: a reference from another cluster names nobody here.
+                return Err(SendError::UnknownTarget(()));
+            }
+        }
         let id = target.id();
         if out.last.0 == id && id != 0 {
             return Ok(out.last.1);
@@ -637,10 +673,7 @@ impl LocalEndpoint {
                 f.discard();
                 n += 1;
             }
-            link.target
-                .counters
-                .undelivered
-                .fetch_add(n, Ordering::Relaxed);
+            link.target.count_undelivered(n);
         }
     }
 
@@ -677,20 +710,19 @@ impl LocalEndpoint {
         let link = &mut out.links[i];
         // The fast path: nothing spilled, room in the ring. A copy send learns whether the
         // target has closed from `notify`, after publishing (one read of the target's state
-        // word, off the critical path): the frame is then drained, counted as undelivered
-        // and the send reports `Disconnected`. A transfer checks first, so that a value
-        // handed back in an error was never published.
+        // word, off the critical path). A transfer checks first, so that a value handed
+        // back in an error was never published.
         if link.spill.is_empty()
             && (header.kind != FrameKind::Transfer || !link.target.wake.is_closed())
             && link.write(header, src) == WriteOutcome::Written
         {
             bump(&self.shared.counters.sent);
             if link.target.wake.notify() {
+                // Published into an endpoint that has closed: the frame is drained and
+                // counted as undelivered; the link goes, so the next send reports
+                // `Disconnected`.
                 link.target.drain_after_close();
-                if header.kind != FrameKind::Transfer {
-                    self.remove_link(out, i);
-                    return Err(SendError::Disconnected(()));
-                }
+                self.remove_link(out, i);
             }
             return Ok(());
         }
@@ -847,10 +879,7 @@ impl LocalEndpoint {
                     f.discard();
                     n += 1;
                 }
-                link.target
-                    .counters
-                    .undelivered
-                    .fetch_add(n, Ordering::Relaxed);
+                link.target.count_undelivered(n);
                 continue;
             }
             if link.flush_spill() > 0 && link.target.wake.notify() {
@@ -1186,7 +1215,13 @@ impl LocalEndpoint {
         if self.torn_down.replace(true) {
             return;
         }
+        // Spilled frames still go out if their targets read within a second.
+        let give_up = Instant::now() + Duration::from_secs(1);
         self.flush_spills();
+        while self.spilled_links.get() > 0 && Instant::now() < give_up {
+            std::thread::sleep(Duration::from_micros(200));
+            self.flush_spills();
+        }
         {
             let mut out = self.outbound.borrow_mut();
             while !out.links.is_empty() {
@@ -1194,8 +1229,7 @@ impl LocalEndpoint {
             }
         }
         let links = std::mem::take(&mut self.inbound.borrow_mut().links);
-        let n = self.shared.close_and_drain(links);
-        self.cluster.count_undelivered(n);
+        self.shared.close_and_drain(links);
         let mut inb = self.inbound.borrow_mut();
         inb.events.clear();
         inb.pending.clear();

@@ -104,7 +104,9 @@ impl From<PathError> for LookupError {
 pub enum SendError<T = ()> {
     /// The ring to the target is full (only from `try_*` sends).
     Full(T),
-    /// The target has stopped; it reads no more messages.
+    /// The target has stopped; it reads no more messages. (A copy send into a ring the
+    /// stopped target still had is accepted, drained and counted as undelivered; the
+    /// ring is then dropped and later sends fail with this.)
     Disconnected(T),
     /// The message can never fit in a ring of this cluster's capacity. Use a transfer
     /// send for large values, or a larger ring.

@@ -15,7 +15,7 @@
 //! |--------|------------------------------------------------------------------|
 //! | 0..4   | `len`: payload bytes (for a skip frame: cells to skip)           |
 //! | 4      | `kind`: [`FrameKind`]                                            |
-//! | 5      | `flags`: [`FLAG_CALL`], [`FLAG_REPLY`], [`FLAG_ERROR`]; others zero |
+//! | 5      | `flags`: [`FLAG_CALL`], [`FLAG_REPLY`], [`FLAG_ERROR`], [`FLAG_RAW`] |
 //! | 6..8   | reserved, zero                                                   |
 //! | 8..16  | `tag`: [`TypeTag`] of the payload                                |
 //! | 16..20 | `sender`: endpoint id of the sender (0: none)                    |
@@ -63,6 +63,10 @@ pub const FLAG_REPLY: u8 = 2;
 /// Header flag (with [`FLAG_REPLY`]): the handler failed; the payload is the error text
 /// (an archived `String`).
 pub const FLAG_ERROR: u8 = 4;
+
+/// Header flag: the payload is raw bytes from `send_bytes` (or C, or the network), not
+/// an archive rkyv wrote in this process: typed access must validate it.
+pub const FLAG_RAW: u8 = 8;
 
 /// What a frame carries.
 #[repr(u8)]

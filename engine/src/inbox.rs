@@ -38,7 +38,6 @@ pub struct Inbox {
     filters: RefCell<Vec<Filter>>,
     up: RefCell<HashSet<u32>>,
     stopping: Cell<bool>,
-    closed: Cell<bool>,
     finished: Cell<bool>,
 }
 
@@ -50,7 +49,6 @@ impl Inbox {
             filters: RefCell::new(Vec::new()),
             up: RefCell::new(HashSet::new()),
             stopping: Cell::new(false),
-            closed: Cell::new(false),
             finished: Cell::new(false),
         }
     }
@@ -126,12 +124,10 @@ impl Inbox {
                 None => {}
             }
             if self.stopping.get() {
-                if !self.closed.get() {
-                    // Close, then one more pass for anything published before the close.
-                    self.ep.shared.wake.close();
-                    self.closed.set(true);
-                    continue;
-                }
+                // Everything sent before now was read. Close: what a sender still manages
+                // to publish is drained and counted as undelivered at teardown, never
+                // delivered, so a sender told `Disconnected` can trust it.
+                self.ep.shared.wake.close();
                 self.finished.set(true);
                 return None;
             }
@@ -228,13 +224,12 @@ impl Inbox {
         tag: crate::TypeTag,
         bytes: &[u8],
     ) -> Result<(), SendError> {
-        self.ep.send_bytes(
-            Target::Ref(target),
-            tag,
-            bytes,
-            Route::plain(self.ep.shared.id),
-            Mode::Block,
-        )
+        let route = Route {
+            flags: crate::frame::FLAG_RAW,
+            ..Route::plain(self.ep.shared.id)
+        };
+        self.ep
+            .send_bytes(Target::Ref(target), tag, bytes, route, Mode::Block)
     }
 
     /// Moves `value` to `target`; only the pointer travels.

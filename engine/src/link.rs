@@ -56,6 +56,19 @@ fn payload_window(cells: &mut [MaybeUninit<Cell>]) -> &mut [MaybeUninit<u8>] {
     }
 }
 
+/// Zeroes the bytes of the frame's last cell after its `len` payload bytes, so every byte
+/// of a published frame is initialised (readers copy whole cells).
+#[inline]
+fn zero_tail(cells: &mut [MaybeUninit<Cell>], len: usize) {
+    let end = HEADER_BYTES + len;
+    let total = cells.len() * CELL_BYTES;
+    debug_assert!(end <= total);
+    // SAFETY: `end..total` lies inside the exclusive `cells` slice.
+    unsafe {
+        std::ptr::write_bytes(cells.as_mut_ptr().cast::<u8>().add(end), 0, total - end);
+    }
+}
+
 /// Writes the header at the start of the first cell.
 #[inline]
 fn put_header(cells: &mut [MaybeUninit<Cell>], header: &FrameHeader) {
@@ -115,6 +128,14 @@ impl OwnedFrame {
         unsafe {
             std::slice::from_raw_parts(self.cells.as_ptr().cast::<u8>().add(HEADER_BYTES), len)
         }
+    }
+
+    /// The moved value this frame carries, if it is a transfer.
+    pub(crate) fn transfer(&self) -> Option<TransferPayload> {
+        (self.header().kind == FrameKind::Transfer).then(|| {
+            // SAFETY: transfer frames are only built by `TransferSource` in this process.
+            unsafe { TransferPayload::decode(&self.cells[0].0[HEADER_BYTES..]) }
+        })
     }
 
     /// Drops the transferred value, if this frame carries one that nobody took.
@@ -259,6 +280,7 @@ impl OutLink {
                         let cells = header.frame_cells();
                         debug_assert!(cells <= contiguous);
                         put_header(first, &header);
+                        zero_tail(&mut first[..cells], len);
                         // SAFETY: cell 0 starts with the header written just above and the
                         // `len` payload bytes `fill` wrote follow it; the rest of the last
                         // cell is padding that no reader interprets.
@@ -287,6 +309,9 @@ impl OutLink {
                 // SAFETY: only the first cell of a skip frame is ever read; it is written.
                 unsafe { chunk.commit(to_end) };
                 self.pos = 0;
+                // The receiver must consume the skip for the space to come back: wake it,
+                // it may be parked on an otherwise empty ring.
+                self.target.wake.notify();
                 continue;
             }
             if self.pos == 0 && avail == self.cap {
@@ -328,7 +353,9 @@ impl OutLink {
                 Ok(len) => {
                     header.len = len as u32;
                     put_header(frame, &header);
-                    used += header.frame_cells();
+                    let cells = header.frame_cells();
+                    zero_tail(&mut frame[..cells], len);
+                    used += cells;
                     written += 1;
                 }
                 Err(RingError::NoRoom) => break,
@@ -415,7 +442,13 @@ impl InLink {
 
     /// The producer has gone and nothing is left.
     pub(crate) fn is_finished(&self) -> bool {
-        self.consumer.is_abandoned() && !self.has_data()
+        if !self.consumer.is_abandoned() {
+            return false;
+        }
+        // `is_abandoned` does not synchronise with the producer's last writes (rtrb#114):
+        // acquire them before looking at the ring.
+        std::sync::atomic::fence(Ordering::Acquire);
+        !self.has_data()
     }
 
     /// The next frame in the ring, in place, without consuming it. Skip frames are
@@ -505,25 +538,21 @@ impl InLink {
         n
     }
 
-    /// Consumes and discards every frame (dropping untaken transfers). Returns how many.
-    pub(crate) fn discard_all(&mut self) -> u64 {
+    /// Consumes every frame; the transferred values nobody took go to `drops` (the caller
+    /// drops them once it holds no lock). Returns how many frames.
+    pub(crate) fn discard_all(&mut self, drops: &mut Vec<TransferPayload>) -> u64 {
         let mut n = 0;
         for f in self.overflow.drain(..) {
-            f.discard();
+            if let Some(t) = f.transfer() {
+                drops.push(t);
+            }
             n += 1;
         }
         while let Some(f) = self.peek() {
-            // SAFETY: `peek` returned a frame in place; its first cell is initialised.
-            let first = unsafe { &*f.frame };
-            if FrameHeader::decode_first(&first.0).map(|(_, k)| k) == Some(FrameKind::Transfer) {
-                // SAFETY: the payload of a transfer frame written in this process; nobody
-                // took the value (the frame is still in the ring).
-                unsafe {
-                    let t = TransferPayload::decode(&first.0[HEADER_BYTES..]);
-                    (t.drop_fn)(t.ptr);
-                }
+            let owned = self.take_owned(f);
+            if let Some(t) = owned.transfer() {
+                drops.push(t);
             }
-            self.commit(f.cells);
             n += 1;
         }
         n

@@ -8,7 +8,7 @@ use crate::endpoint::{LocalEndpoint, Mode, Route, Target};
 use crate::error::{AccessError, SendError};
 use crate::frame::{
     type_tag, Cell, FrameHeader, FrameKind, TransferPayload, TypeTag, CELL_BYTES, FLAG_CALL,
-    FLAG_ERROR, FLAG_REPLY, HEADER_BYTES,
+    FLAG_ERROR, FLAG_RAW, FLAG_REPLY, HEADER_BYTES,
 };
 use crate::isolate::{DownReason, IsolateRef};
 use crate::Payload;
@@ -19,7 +19,8 @@ pub enum Event<'a> {
     Message(Message<'a>),
     /// A watched isolate is up (see [`Inbox::watch_isolates`](crate::Inbox::watch_isolates)).
     IsolateUp(IsolateRef),
-    /// A watched isolate went down, and why. Everything it sent before is delivered first.
+    /// A watched isolate went down, and why. Everything it sent before is delivered first
+    /// (unless a message of its is still held: drop messages before receiving again).
     IsolateDown(IsolateRef, DownReason),
     /// The node asks this isolate to shut down. It comes after every message that was
     /// already waiting in the isolate's rings when the request arrived.
@@ -150,7 +151,11 @@ impl<'a> Message<'a> {
         T::Archived: Portable,
     {
         self.check::<T>(FrameKind::Copy)?;
-        debug_assert!(std::mem::align_of::<T::Archived>() <= CELL_BYTES);
+        if self.header.flags & FLAG_RAW != 0 || std::mem::align_of::<T::Archived>() > 16 {
+            // Raw bytes (`send_bytes`) were not written by rkyv from a `T`: only the
+            // validating `get_checked` may read them. Payloads are only 16-aligned.
+            return Err(AccessError::Invalid);
+        }
         // SAFETY: the tag matches `T`, and in-process copy frames with a Rust type tag are
         // only written by `CopySource`, which serialised a `T` with rkyv into exactly these
         // bytes; the bytes are 16-aligned and end where the archive ends, as rkyv requires.
@@ -224,7 +229,10 @@ impl<'a> Message<'a> {
             Target::Id(self.header.reply_to),
             tag,
             bytes,
-            self.reply_route(0),
+            Route {
+                flags: crate::frame::FLAG_RAW | self.reply_route(0).flags,
+                ..self.reply_route(0)
+            },
             Mode::Block,
         )
     }
@@ -330,6 +338,7 @@ impl fmt::Debug for Message<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Message")
             .field("kind", &self.header.kind)
+            .field("flags", &self.header.flags)
             .field("tag", &format_args!("{:#x}", self.header.tag))
             .field("len", &self.header.len)
             .field("sender", &self.header.sender)

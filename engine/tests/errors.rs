@@ -221,3 +221,87 @@ fn replies_to_a_thread_that_has_gone_are_errors() {
         cluster.join(T).unwrap();
     });
 }
+
+#[test]
+fn raw_bytes_under_a_rust_tag_are_never_read_unchecked() {
+    with_timeout(Duration::from_secs(30), || {
+        let cluster = Cluster::single_node();
+        let mailbox = cluster.mailbox().unwrap();
+        let me = mailbox.me().clone();
+        // Garbage claiming to be a bool (only 0 and 1 are), then a valid archive sent as
+        // raw bytes.
+        mailbox
+            .send_bytes(&me, isolate_cluster::type_tag::<bool>(), &[7])
+            .unwrap();
+        let m = mailbox.recv_timeout(T);
+        match m {
+            Some(Event::Message(m)) => {
+                assert_eq!(m.get::<bool>().err(), Some(AccessError::Invalid));
+                assert_eq!(m.get_checked::<bool>().err(), Some(AccessError::Invalid));
+            }
+            other => panic!("expected the raw message, got {other:?}"),
+        }
+        let archive =
+            isolate_cluster::rkyv::to_bytes::<isolate_cluster::rkyv::rancor::Error>(&7u64).unwrap();
+        mailbox
+            .send_bytes(&me, isolate_cluster::type_tag::<u64>(), &archive)
+            .unwrap();
+        match mailbox.recv_timeout(T) {
+            Some(Event::Message(m)) => {
+                assert_eq!(
+                    m.get::<u64>().err(),
+                    Some(AccessError::Invalid),
+                    "raw bytes are not trusted"
+                );
+                assert_eq!(
+                    m.get_checked::<u64>().map(|v| v.to_native()),
+                    Ok(7),
+                    "but they validate"
+                );
+            }
+            other => panic!("expected the raw message, got {other:?}"),
+        };
+    });
+}
+
+#[test]
+fn a_reference_from_another_cluster_names_nobody_here() {
+    with_timeout(Duration::from_secs(30), || {
+        let a = Cluster::single_node();
+        let b = Cluster::single_node();
+        let in_b = b
+            .spawn("/x", Properties::new(), |ctx| while ctx.recv().is_some() {})
+            .unwrap();
+        let _in_a = a
+            .spawn("/x", Properties::new(), |ctx| while ctx.recv().is_some() {})
+            .unwrap();
+        let mailbox = a.mailbox().unwrap();
+        assert_eq!(mailbox.send(&in_b, &1u8), Err(SendError::UnknownTarget(())));
+        // Through the reference itself (this thread's endpoint in b) it works.
+        assert_eq!(in_b.send(&1u8), Ok(()));
+    });
+}
+
+#[test]
+fn dropping_the_cluster_while_a_message_is_held_is_safe() {
+    with_timeout(Duration::from_secs(30), || {
+        let cluster = Cluster::builder()
+            .drop_timeout(Duration::from_millis(500))
+            .build();
+        let mailbox = cluster.mailbox().unwrap();
+        let me = mailbox.me().clone();
+        mailbox.send(&me, &String::from("still here")).unwrap();
+        mailbox.transfer(&me, Box::new(vec![1u8; 1000])).unwrap();
+        let Some(Event::Message(m)) = mailbox.recv_timeout(T) else {
+            panic!("no message")
+        };
+        drop(cluster);
+        assert_eq!(m.get::<String>().unwrap().as_str(), "still here");
+        drop(m);
+        let Some(Event::Message(mut t)) = mailbox.recv_timeout(T) else {
+            panic!("no transfer")
+        };
+        assert_eq!(t.take::<Vec<u8>>().unwrap().len(), 1000);
+        drop(t);
+    });
+}

@@ -156,3 +156,45 @@ fn blocked_sender_holding_a_message_spills_in_order() {
         cluster.join(Duration::from_secs(10)).unwrap();
     });
 }
+
+/// A frame larger than half the ring, sent while the write position is mid-ring and the
+/// receiver sleeps: the skip frame that pads to the end must wake the receiver, or neither
+/// side ever moves again.
+#[test]
+fn a_large_frame_after_a_wrap_wakes_a_parked_receiver() {
+    with_timeout(Duration::from_secs(60), || {
+        let cluster = Cluster::builder().ring_capacity(64 << 10).build();
+        let mailbox = cluster.mailbox().unwrap();
+        let main_ref = mailbox.me().clone();
+        let sink = cluster
+            .spawn("/sink", Properties::new(), move |ctx| {
+                let mut sizes = Vec::new();
+                while sizes.len() < 6 {
+                    if let Some(Event::Message(m)) = ctx.recv() {
+                        sizes.push(m.get::<Vec<u8>>().unwrap().len() as u64);
+                    }
+                }
+                ctx.send(&main_ref, &sizes).unwrap();
+                while ctx.recv().is_some() {}
+            })
+            .unwrap();
+        for size in [20 << 10, 40 << 10, 20 << 10, 40 << 10, 50 << 10, 10 << 10] {
+            // Let the receiver drain and park between sends.
+            std::thread::sleep(Duration::from_millis(20));
+            sink.send(&vec![3u8; size]).unwrap();
+        }
+        let sizes = expect_message(&mailbox, Duration::from_secs(30), |m| {
+            m.get::<Vec<u64>>()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_native())
+                .collect::<Vec<u64>>()
+        });
+        assert_eq!(
+            sizes,
+            [20 << 10, 40 << 10, 20 << 10, 40 << 10, 50 << 10, 10 << 10]
+        );
+        cluster.shutdown();
+        cluster.join(Duration::from_secs(10)).unwrap();
+    });
+}
