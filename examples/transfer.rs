@@ -22,15 +22,18 @@ fn main() {
                 let Event::Message(mut msg) = event else {
                     continue;
                 };
-                // Reply with (length, last byte, address of the bytes).
-                let reply = if msg.is_transfer() {
+                // Reply with (length, last byte, address of the bytes); a moved value is
+                // freed only after the reply, so the timing shows the move, not `free`.
+                if msg.is_transfer() {
                     let v = msg.take::<Vec<u8>>().expect("a Vec<u8>");
-                    (v.len() as u64, v[v.len() - 1], v.as_ptr() as u64)
+                    msg.reply(&(v.len() as u64, v[v.len() - 1], v.as_ptr() as u64))
+                        .expect("reply");
+                    drop(v);
                 } else {
                     let v = msg.get::<Vec<u8>>().expect("a Vec<u8>");
-                    (v.len() as u64, v[v.len() - 1], v.as_ptr() as u64)
-                };
-                msg.reply(&reply).expect("reply");
+                    msg.reply(&(v.len() as u64, v[v.len() - 1], v.as_ptr() as u64))
+                        .expect("reply");
+                }
             }
         })
         .expect("spawn");

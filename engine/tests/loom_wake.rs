@@ -115,3 +115,39 @@ fn a_publish_racing_a_close_is_drained_exactly_once() {
         assert_eq!(mine + theirs, 1);
     });
 }
+
+/// The "sender waiting for space" protocol of `link.rs` (`LinkShared`): the sender sets
+/// the flag, announces parking on its own endpoint (heavy barrier), re-checks the free
+/// space, parks; the receiver frees space, issues the light barrier (a SeqCst fence under
+/// loom), reads the flag and wakes the sender. The sender is never left asleep.
+#[test]
+fn a_sender_waiting_for_space_is_always_woken() {
+    use loom::sync::atomic::{fence, AtomicBool};
+    loom::model(|| {
+        let sender_wake = Arc::new(WakeState::new());
+        let head = Arc::new(AtomicUsize::new(0)); // 0: the one-slot ring is full
+        let waiting = Arc::new(AtomicBool::new(false));
+        let (w2, h2, f2) = (sender_wake.clone(), head.clone(), waiting.clone());
+        let receiver = thread::spawn(move || {
+            h2.store(1, Ordering::Release); // commit: the slot is free
+            fence(Ordering::SeqCst); // barrier::light()
+            if f2.load(Ordering::Relaxed) && f2.swap(false, Ordering::AcqRel) {
+                w2.notify();
+            }
+        });
+        sender_wake.register_current_thread();
+        loop {
+            if head.load(Ordering::Acquire) == 1 {
+                break;
+            }
+            waiting.store(true, Ordering::Relaxed);
+            sender_wake.prepare_park();
+            if head.load(Ordering::Acquire) == 1 {
+                sender_wake.cancel_park();
+                break;
+            }
+            sender_wake.park(None);
+        }
+        receiver.join().unwrap();
+    });
+}
