@@ -180,7 +180,9 @@ impl FrameSource for OwnedFrame {
 /// fence and one read of a line that is written only when a sender blocks.
 #[derive(Default)]
 pub(crate) struct LinkShared {
-    pub sender_waiting: AtomicBool,
+    /// On a cache line of its own: the receiver reads it after every commit, so it must
+    /// not share a line with anything the sender writes per message.
+    pub sender_waiting: crossbeam_utils::CachePadded<AtomicBool>,
 }
 
 /// A new ring: the producer half, and what the receiver needs to build its `InLink`.
