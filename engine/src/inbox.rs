@@ -454,27 +454,33 @@ impl Context {
     }
 
     /// Like [`recv`](Self::recv) without waiting.
+    #[inline]
     pub fn try_recv(&self) -> Option<Event<'_>> {
         let ev = self.inbox.try_recv();
         self.after(ev)
     }
 
-    #[inline]
+    #[inline(always)]
     fn after<'a>(&'a self, ev: Option<Event<'a>>) -> Option<Event<'a>> {
         if let Some(Event::ShutdownRequested) = ev {
-            let handler = self.on_shutdown.borrow_mut().take();
-            match handler {
-                Some(mut h) => {
-                    h(self);
-                    let mut slot = self.on_shutdown.borrow_mut();
-                    if slot.is_none() {
-                        *slot = Some(h);
-                    }
-                }
-                None => self.shutdown_isolate(),
-            }
+            self.run_shutdown_handler();
         }
         ev
+    }
+
+    #[cold]
+    fn run_shutdown_handler(&self) {
+        let handler = self.on_shutdown.borrow_mut().take();
+        match handler {
+            Some(mut h) => {
+                h(self);
+                let mut slot = self.on_shutdown.borrow_mut();
+                if slot.is_none() {
+                    *slot = Some(h);
+                }
+            }
+            None => self.shutdown_isolate(),
+        }
     }
 
     /// Sets what happens when the node asks this isolate to shut down. The default stops
