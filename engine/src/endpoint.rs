@@ -1090,25 +1090,10 @@ impl LocalEndpoint {
         target: &IsolateRef,
         value: &T,
     ) -> Result<u64, SendError> {
-        let id = {
-            let mut inb = self.inbound.borrow_mut();
-            inb.next_request += 1;
-            let id = inb.next_request;
-            inb.pending.insert(id, target.clone());
-            id
-        };
-        let route = Route {
-            correlation: id,
-            reply_to: self.shared.id,
-            flags: FLAG_CALL,
-        };
-        match self.send_copy(Target::Ref(target), value, route, Mode::Block) {
-            Ok(()) => Ok(id),
-            Err(e) => {
-                self.inbound.borrow_mut().pending.remove(&id);
-                Err(e)
-            }
-        }
+        let (id, route) = self.open_request(target);
+        self.send_copy(Target::Ref(target), value, route, Mode::Block)
+            .map(|()| id)
+            .inspect_err(|_| self.forget_request(id))
     }
 
     /// Like [`request`](Self::request), moving `value` instead of copying it.
@@ -1117,25 +1102,24 @@ impl LocalEndpoint {
         target: &IsolateRef,
         value: Box<T>,
     ) -> Result<u64, SendError<Box<T>>> {
-        let id = {
-            let mut inb = self.inbound.borrow_mut();
-            inb.next_request += 1;
-            let id = inb.next_request;
-            inb.pending.insert(id, target.clone());
-            id
-        };
+        let (id, route) = self.open_request(target);
+        self.send_transfer(Target::Ref(target), value, route, Mode::Block)
+            .map(|()| id)
+            .inspect_err(|_| self.forget_request(id))
+    }
+
+    /// A fresh request id, remembered as pending, and the route its frame carries.
+    fn open_request(&self, target: &IsolateRef) -> (u64, Route) {
+        let mut inb = self.inbound.borrow_mut();
+        inb.next_request += 1;
+        let id = inb.next_request;
+        inb.pending.insert(id, target.clone());
         let route = Route {
             correlation: id,
             reply_to: self.shared.id,
             flags: FLAG_CALL,
         };
-        match self.send_transfer(Target::Ref(target), value, route, Mode::Block) {
-            Ok(()) => Ok(id),
-            Err(e) => {
-                self.inbound.borrow_mut().pending.remove(&id);
-                Err(e)
-            }
-        }
+        (id, route)
     }
 
     /// Forgets request `id`: a reply that still comes is dropped and counted as late.
