@@ -68,24 +68,27 @@ pub fn floor(cfg: Config, cores: Cores) -> Histogram<u64> {
     )
 }
 
+/// The pong side of a raw `rtrb` ping-pong: echoes `n` values, spinning.
+fn rtrb_echo(n: u64, mut rx: rtrb::Consumer<u64>, mut tx: rtrb::Producer<u64>) {
+    for _ in 0..n {
+        let v = loop {
+            match rx.pop() {
+                Ok(v) => break v,
+                Err(_) => std::hint::spin_loop(),
+            }
+        };
+        while tx.push(v).is_err() {}
+    }
+}
+
 /// Raw `rtrb`: a ring each way, spinning on `pop`.
 pub fn raw_rtrb(cfg: Config, cores: Cores) -> Histogram<u64> {
-    let (mut to_pong, mut from_ping) = rtrb::RingBuffer::<u64>::new(4096);
-    let (mut to_ping, mut from_pong) = rtrb::RingBuffer::<u64>::new(4096);
+    let (mut to_pong, from_ping) = rtrb::RingBuffer::<u64>::new(4096);
+    let (to_ping, mut from_pong) = rtrb::RingBuffer::<u64>::new(4096);
     let n = (cfg.warmup + cfg.samples) as u64;
     pair(
         cores,
-        move || {
-            for _ in 0..n {
-                let v = loop {
-                    match from_ping.pop() {
-                        Ok(v) => break v,
-                        Err(_) => std::hint::spin_loop(),
-                    }
-                };
-                while to_ping.push(v).is_err() {}
-            }
-        },
+        move || rtrb_echo(n as u64, from_ping, to_ping),
         move || {
             let mut h = histogram();
             for i in 0..n {
@@ -375,24 +378,14 @@ pub fn fixed_rate(cfg: Config, cores: Cores, per_sec: u64) -> Histogram<u64> {
 
 /// Raw `rtrb` at a fixed rate, timed from the intended send.
 pub fn fixed_rate_rtrb(cfg: Config, cores: Cores, per_sec: u64) -> Histogram<u64> {
-    let (mut to_pong, mut from_ping) = rtrb::RingBuffer::<u64>::new(4096);
-    let (mut to_ping, mut from_pong) = rtrb::RingBuffer::<u64>::new(4096);
+    let (mut to_pong, from_ping) = rtrb::RingBuffer::<u64>::new(4096);
+    let (to_ping, mut from_pong) = rtrb::RingBuffer::<u64>::new(4096);
     let samples = cfg.samples;
     let warmup = samples / 10;
     let n = warmup + samples;
     pair(
         cores,
-        move || {
-            for _ in 0..n {
-                let v = loop {
-                    match from_ping.pop() {
-                        Ok(v) => break v,
-                        Err(_) => std::hint::spin_loop(),
-                    }
-                };
-                while to_ping.push(v).is_err() {}
-            }
-        },
+        move || rtrb_echo(n as u64, from_ping, to_ping),
         move || {
             let mut h = histogram();
             let interval = Duration::from_nanos(1_000_000_000 / per_sec);
