@@ -88,7 +88,7 @@ pub fn raw_rtrb(cfg: Config, cores: Cores) -> Histogram<u64> {
     let n = (cfg.warmup + cfg.samples) as u64;
     pair(
         cores,
-        move || rtrb_echo(n as u64, from_ping, to_ping),
+        move || rtrb_echo(n, from_ping, to_ping),
         move || {
             let mut h = histogram();
             for i in 0..n {
