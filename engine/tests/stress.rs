@@ -79,7 +79,7 @@ fn random_copies_transfers_and_calls_are_exactly_once_and_in_order() {
                         .collect();
                     // Next expected sequence number per sender (copies and transfers share it).
                     let mut next = vec![0u64; ISOLATES];
-                    let mut seq_to = vec![0u64; ISOLATES];
+                    let mut seq_to = [0u64; ISOLATES];
                     let (mut received, mut order_errors, mut call_errors, mut sent) =
                         (0u64, 0u64, 0u64, 0u64);
                     let mut moved_count = 0u64;
