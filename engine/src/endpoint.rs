@@ -314,10 +314,16 @@ impl Inbound {
         }
     }
 
-    /// While a request waits: moves every frame of every ring that is not held out of the
-    /// way (replies to the stash, everything else to its link's overflow queue, where it
-    /// keeps its order), so a reply behind other messages is found.
-    fn collect_replies(&mut self, shared: &EndpointShared) {
+    /// Moves every frame out of every ring that is not held: replies to the stash (or
+    /// dropped and counted when late), everything else to its link's overflow queue,
+    /// where it keeps its order. So the overflow queues never hold replies. With
+    /// `wanted`, stops at the successful reply to that request and returns it in place
+    /// (its link marked held), saving a copy.
+    fn move_out_of_rings(
+        &mut self,
+        shared: &EndpointShared,
+        wanted: Option<u64>,
+    ) -> Option<(usize, RingFrame)> {
         if shared.control_pending() {
             self.accept(shared.take_control());
         }
@@ -325,31 +331,28 @@ impl Inbound {
             if self.links[i].held {
                 continue;
             }
-            let mut moved = VecDeque::new();
             while let Some(f) = self.links[i].peek() {
-                let owned = self.links[i].take_owned(f);
-                if owned.header().flags & FLAG_REPLY != 0 {
+                // SAFETY: `peek` returned a frame in place, initialised, not yet committed.
+                let first = unsafe { &*f.frame };
+                let Some(h) = FrameHeader::read_from(first) else {
+                    unreachable!("in-process frames have valid headers")
+                };
+                let owned = if h.flags & FLAG_REPLY != 0 {
+                    if wanted == Some(h.correlation) && h.flags & FLAG_ERROR == 0 {
+                        self.links[i].held = true;
+                        self.held += 1;
+                        return Some((i, f));
+                    }
+                    let owned = self.links[i].take_owned(f);
                     self.route_reply(owned, &shared.counters);
+                    continue;
                 } else {
-                    moved.push_back(owned);
-                }
-            }
-            // Replies already in the overflow queue go to the stash too.
-            let l = &mut self.links[i];
-            let mut keep = VecDeque::with_capacity(l.overflow.len() + moved.len());
-            let mut replies = Vec::new();
-            for f in l.overflow.drain(..).chain(moved) {
-                if f.header().flags & FLAG_REPLY != 0 {
-                    replies.push(f);
-                } else {
-                    keep.push_back(f);
-                }
-            }
-            l.overflow = keep;
-            for f in replies {
-                self.route_reply(f, &shared.counters);
+                    self.links[i].take_owned(f)
+                };
+                self.links[i].overflow.push_back(owned);
             }
         }
+        None
     }
 
     /// Whether any ring that is not held has a frame, or control items wait.
@@ -439,15 +442,17 @@ impl Inbound {
     }
 
     /// Frees ring space for blocked peers: moves every frame of every link that is not
-    /// held into its overflow queue.
+    /// held out of its ring (see `move_out_of_rings`).
     fn drain_to_overflow(&mut self, shared: &EndpointShared) {
-        if shared.control_pending() {
-            self.accept(shared.take_control());
-        }
-        for l in self.links.iter_mut().filter(|l| !l.held) {
-            l.drain_to_overflow();
-        }
+        self.move_out_of_rings(shared, None);
     }
+}
+
+/// A reply found by `wait_reply`: in place in a ring (the usual case), or set aside
+/// earlier.
+pub(crate) enum Reply {
+    InPlace { link: usize, frame: RingFrame },
+    Owned(OwnedFrame),
 }
 
 /// Who a frame goes to.
@@ -1133,7 +1138,7 @@ impl LocalEndpoint {
 
     /// Waits for the reply to request `id` until `deadline`. Other messages and events
     /// that arrive meanwhile wait, in order, for the receive loop.
-    pub(crate) fn wait_reply(&self, id: u64, deadline: Instant) -> Result<OwnedFrame, CallError> {
+    pub(crate) fn wait_reply(&self, id: u64, deadline: Instant) -> Result<Reply, CallError> {
         let target = match self.inbound.borrow().pending.get(&id) {
             Some(t) => t.clone(),
             None => return Err(CallError::UnknownRequest),
@@ -1144,16 +1149,21 @@ impl LocalEndpoint {
             self.flush_spills();
             {
                 let mut inb = self.inbound.borrow_mut();
-                inb.collect_replies(&self.shared);
                 if let Some(f) = inb.stash.remove(&id) {
                     inb.pending.remove(&id);
-                    let h = f.header();
-                    if h.flags & FLAG_ERROR != 0 {
+                    if f.header().flags & FLAG_ERROR != 0 {
                         let text = error_text(&f);
                         f.discard();
                         return Err(CallError::Remote(text));
                     }
-                    return Ok(f);
+                    return Ok(Reply::Owned(f));
+                }
+                if let Some((link, frame)) = inb.move_out_of_rings(&self.shared, Some(id)) {
+                    inb.pending.remove(&id);
+                    return Ok(Reply::InPlace { link, frame });
+                }
+                if inb.stash.contains_key(&id) {
+                    continue;
                 }
             }
             if target_gone {

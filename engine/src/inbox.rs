@@ -8,7 +8,7 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use crate::cluster::{ClusterInner, Stats};
-use crate::endpoint::{Control, IdleState, LocalEndpoint, Mode, Polled, Route, Target};
+use crate::endpoint::{Control, IdleState, LocalEndpoint, Mode, Polled, Reply, Route, Target};
 use crate::error::{CallError, LookupError, SendError, SpawnError};
 use crate::frame::FrameHeader;
 use crate::isolate::IsolateRef;
@@ -293,13 +293,31 @@ impl Inbox {
     /// Waits up to `timeout` for the reply to `id`. On [`CallError::Timeout`] the request
     /// is forgotten; a late reply is dropped and counted, never delivered elsewhere.
     pub fn wait_reply(&self, id: RequestId, timeout: Duration) -> Result<Message<'_>, CallError> {
-        let frame = self.ep.wait_reply(id.0, Instant::now() + timeout)?;
-        Ok(Message {
-            ep: &self.ep,
-            header: frame.header(),
-            body: Body::Owned(frame.cells),
-            taken: false,
-        })
+        match self.ep.wait_reply(id.0, Instant::now() + timeout)? {
+            Reply::Owned(frame) => Ok(Message {
+                ep: &self.ep,
+                header: frame.header(),
+                body: Body::Owned(frame.cells),
+                taken: false,
+            }),
+            Reply::InPlace { link, frame } => {
+                // SAFETY: the frame is in place and uncommitted until the message drops.
+                let first = unsafe { &*frame.frame };
+                let Some(header) = FrameHeader::read_from(first) else {
+                    unreachable!("in-process frames have valid headers")
+                };
+                Ok(Message {
+                    ep: &self.ep,
+                    header,
+                    body: Body::Ring {
+                        link,
+                        frame: frame.frame,
+                        cells: frame.cells,
+                    },
+                    taken: false,
+                })
+            }
+        }
     }
 
     /// Answers a message through its [`Replier`] (taken with [`Message::replier`]).

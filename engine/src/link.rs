@@ -527,19 +527,6 @@ impl InLink {
         owned
     }
 
-    /// Moves every frame of the ring into `overflow` (frees the ring for the producer).
-    /// Returns the number of frames moved.
-    pub(crate) fn drain_to_overflow(&mut self) -> usize {
-        debug_assert!(!self.held);
-        let mut n = 0;
-        while let Some(f) = self.peek() {
-            let owned = self.take_owned(f);
-            self.overflow.push_back(owned);
-            n += 1;
-        }
-        n
-    }
-
     /// Consumes every frame; the transferred values nobody took go to `drops` (the caller
     /// drops them once it holds no lock). Returns how many frames.
     pub(crate) fn discard_all(&mut self, drops: &mut Vec<TransferPayload>) -> u64 {
