@@ -269,6 +269,30 @@ impl Inbox {
     /// out by the next `recv`. A reply is copied once out of its ring (use
     /// `reply_transfer` for large values). A message from `target` that this endpoint
     /// still holds blocks that ring: drop it before calling `target`.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use isolate_cluster::{CallError, Cluster, Event, Properties};
+    ///
+    /// let cluster = Cluster::single_node();
+    /// let square = cluster
+    ///     .spawn("/square", Properties::new(), |ctx| {
+    ///         while let Some(Event::Message(m)) = ctx.recv() {
+    ///             match m.get::<u32>().map(|v| v.to_native()) {
+    ///                 Ok(v) if v < 65536 => m.reply(&(v * v)).unwrap(),
+    ///                 Ok(_) => m.reply_error("too large").unwrap(),
+    ///                 Err(e) => m.reply_error(&e.to_string()).unwrap(),
+    ///             }
+    ///         }
+    ///     })
+    ///     .unwrap();
+    /// let mailbox = cluster.mailbox().unwrap();
+    /// let reply = mailbox.call(&square, &12u32, Duration::from_secs(5)).unwrap();
+    /// assert_eq!(*reply.get::<u32>().unwrap(), 144);
+    /// drop(reply);
+    /// let err = mailbox.call(&square, &70000u32, Duration::from_secs(5)).unwrap_err();
+    /// assert_eq!(err, CallError::Remote("too large".into()));
+    /// ```
     pub fn call<T: Payload>(
         &self,
         target: &IsolateRef,
