@@ -112,26 +112,35 @@ pub fn raw_rtrb(cfg: Config, cores: Cores) -> Histogram<u64> {
     )
 }
 
-/// `crossbeam-channel` bounded, blocking `recv` (spins, then blocks).
-pub fn crossbeam(cfg: Config, cores: Cores) -> Histogram<u64> {
-    let (to_pong, from_ping) = crossbeam_channel::bounded::<u64>(1024);
-    let (to_ping, from_pong) = crossbeam_channel::bounded::<u64>(1024);
-    let n = (cfg.warmup + cfg.samples) as u64;
+/// A ping-pong over two blocking channels: `send` and `recv` adapt the channel type.
+fn channel_pair<S, R>(
+    cores: Cores,
+    warmup: usize,
+    samples: usize,
+    (to_pong, from_ping): (S, R),
+    (to_ping, from_pong): (S, R),
+    send: fn(&S, u64),
+    recv: fn(&R) -> u64,
+) -> Histogram<u64>
+where
+    S: Send + 'static,
+    R: Send + 'static,
+{
+    let n = (warmup + samples) as u64;
     pair(
         cores,
         move || {
             for _ in 0..n {
-                let v = from_ping.recv().expect("ping alive");
-                to_ping.send(v).expect("ping alive");
+                send(&to_ping, recv(&from_ping));
             }
         },
         move || {
             let mut h = histogram();
             for i in 0..n {
                 let t = Instant::now();
-                to_pong.send(i).expect("pong alive");
-                from_pong.recv().expect("pong alive");
-                if i as usize >= cfg.warmup {
+                send(&to_pong, i);
+                recv(&from_pong);
+                if i as usize >= warmup {
                     record_since(&mut h, t);
                 }
             }
@@ -140,34 +149,30 @@ pub fn crossbeam(cfg: Config, cores: Cores) -> Histogram<u64> {
     )
 }
 
-/// `std::sync::mpsc::sync_channel`, blocking `recv`.
-pub fn std_mpsc(cfg: Config, cores: Cores) -> Histogram<u64> {
-    let (to_pong, from_ping) = std::sync::mpsc::sync_channel::<u64>(1024);
-    let (to_ping, from_pong) = std::sync::mpsc::sync_channel::<u64>(1024);
-    // Parking channels are slow: fewer samples keep the full run short.
-    let warmup = cfg.warmup / 4;
-    let samples = cfg.samples / 4;
-    let n = (warmup + samples) as u64;
-    pair(
+/// `crossbeam-channel` bounded, blocking `recv` (spins, then blocks).
+pub fn crossbeam(cfg: Config, cores: Cores) -> Histogram<u64> {
+    channel_pair(
         cores,
-        move || {
-            for _ in 0..n {
-                let v = from_ping.recv().expect("ping alive");
-                to_ping.send(v).expect("ping alive");
-            }
-        },
-        move || {
-            let mut h = histogram();
-            for i in 0..n {
-                let t = Instant::now();
-                to_pong.send(i).expect("pong alive");
-                from_pong.recv().expect("pong alive");
-                if i as usize >= warmup {
-                    record_since(&mut h, t);
-                }
-            }
-            h
-        },
+        cfg.warmup,
+        cfg.samples,
+        crossbeam_channel::bounded::<u64>(1024),
+        crossbeam_channel::bounded::<u64>(1024),
+        |tx, v| tx.send(v).expect("peer alive"),
+        |rx| rx.recv().expect("peer alive"),
+    )
+}
+
+/// `std::sync::mpsc::sync_channel`, blocking `recv`. Parking channels are slow: fewer
+/// samples keep the full run short.
+pub fn std_mpsc(cfg: Config, cores: Cores) -> Histogram<u64> {
+    channel_pair(
+        cores,
+        cfg.warmup / 4,
+        cfg.samples / 4,
+        std::sync::mpsc::sync_channel::<u64>(1024),
+        std::sync::mpsc::sync_channel::<u64>(1024),
+        |tx, v| tx.send(v).expect("peer alive"),
+        |rx| rx.recv().expect("peer alive"),
     )
 }
 

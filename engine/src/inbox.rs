@@ -266,9 +266,10 @@ impl Inbox {
     /// [`Message::reply_error`].
     ///
     /// While it waits, messages and events from others keep their order and are handed
-    /// out by the next `recv`. A reply is copied once out of its ring (use
-    /// `reply_transfer` for large values). A message from `target` that this endpoint
-    /// still holds blocks that ring: drop it before calling `target`.
+    /// out by the next `recv`. The reply is read in place in its ring; only a reply that
+    /// came while another request was being waited for is copied out once. A message from
+    /// `target` that this endpoint still holds blocks that ring: drop it before calling
+    /// `target`.
     ///
     /// ```
     /// use std::time::Duration;
