@@ -581,6 +581,9 @@ pub(crate) struct LocalEndpoint {
     spilled_links: StdCell<usize>,
     /// A `Context` or `Mailbox` is reading this endpoint.
     pub inbox_open: StdCell<bool>,
+    /// Frames whose transferred values are dropped once no borrow is held.
+    deferred: RefCell<Vec<OwnedFrame>>,
+    has_deferred: StdCell<bool>,
     torn_down: StdCell<bool>,
 }
 
@@ -613,6 +616,8 @@ impl LocalEndpoint {
             strategy,
             spilled_links: StdCell::new(0),
             inbox_open: StdCell::new(false),
+            deferred: RefCell::new(Vec::new()),
+            has_deferred: StdCell::new(false),
             torn_down: StdCell::new(false),
         }
     }
@@ -673,12 +678,25 @@ impl LocalEndpoint {
         out.last = (0, 0);
         if !link.spill.is_empty() {
             self.spilled_links.set(self.spilled_links.get() - 1);
-            let mut n = 0;
-            for f in link.spill {
-                f.discard();
-                n += 1;
-            }
-            link.target.count_undelivered(n);
+            link.target.count_undelivered(link.spill.len() as u64);
+            self.defer_discard(link.spill);
+        }
+    }
+
+    /// Frames to discard once no borrow of this endpoint is held: a transferred value's
+    /// `Drop` is user code and may send through this very endpoint.
+    fn defer_discard(&self, frames: impl IntoIterator<Item = OwnedFrame>) {
+        self.deferred.borrow_mut().extend(frames);
+        self.has_deferred.set(true);
+    }
+
+    /// Discards the deferred frames. Called with no borrow of this endpoint held.
+    #[cold]
+    fn run_deferred(&self) {
+        self.has_deferred.set(false);
+        let frames = std::mem::take(&mut *self.deferred.borrow_mut());
+        for f in frames {
+            f.discard();
         }
     }
 
@@ -694,6 +712,22 @@ impl LocalEndpoint {
     /// by the receive loop; they count in `Stats::spilled`.
     #[inline]
     pub(crate) fn send(
+        &self,
+        target: Target<'_>,
+        meta: Meta,
+        src: &mut impl FrameSource,
+        mode: Mode,
+    ) -> Result<(), SendError> {
+        let result = self.send_borrowed(target, meta, src, mode);
+        if self.has_deferred.get() {
+            self.run_deferred();
+        }
+        result
+    }
+
+    /// `send`, with `outbound` borrowed throughout.
+    #[inline]
+    fn send_borrowed(
         &self,
         target: Target<'_>,
         meta: Meta,
@@ -879,12 +913,9 @@ impl LocalEndpoint {
         let mut remaining = 0;
         for link in out.links.iter_mut().filter(|l| !l.spill.is_empty()) {
             if link.target.wake.is_closed() {
-                let mut n = 0;
-                for f in link.spill.drain(..) {
-                    f.discard();
-                    n += 1;
-                }
-                link.target.count_undelivered(n);
+                link.target.count_undelivered(link.spill.len() as u64);
+                let frames: Vec<OwnedFrame> = link.spill.drain(..).collect();
+                self.defer_discard(frames);
                 continue;
             }
             if link.flush_spill() > 0 && link.target.wake.notify() {
@@ -895,6 +926,10 @@ impl LocalEndpoint {
             }
         }
         self.spilled_links.set(remaining);
+        drop(out);
+        if self.has_deferred.get() {
+            self.run_deferred();
+        }
     }
 
     /// Sends a copy of `value`.
@@ -1227,10 +1262,10 @@ impl LocalEndpoint {
         let mut inb = self.inbound.borrow_mut();
         inb.events.clear();
         inb.pending.clear();
-        for (_, f) in inb.stash.drain() {
-            f.discard();
-        }
+        let stashed: Vec<OwnedFrame> = inb.stash.drain().map(|(_, f)| f).collect();
         drop(inb);
+        self.defer_discard(stashed);
+        self.run_deferred();
         self.cluster.forget_endpoint(self.shared.id);
     }
 

@@ -198,3 +198,79 @@ fn a_large_frame_after_a_wrap_wakes_a_parked_receiver() {
         cluster.join(Duration::from_secs(10)).unwrap();
     });
 }
+
+/// A transferred value whose `Drop` sends a message, spilled towards an isolate that then
+/// stops: discarding it must not happen while the sender's own endpoint is borrowed.
+#[test]
+fn dropping_a_spilled_transfer_may_send_messages() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Barrier};
+    struct Noisy(isolate_cluster::IsolateRef);
+    impl Drop for Noisy {
+        fn drop(&mut self) {
+            let _ = self.0.send(&1u64);
+        }
+    }
+    with_timeout(Duration::from_secs(60), || {
+        let cluster = Cluster::builder().ring_capacity(256).build();
+        let mailbox = cluster.mailbox().unwrap();
+        let main_ref = mailbox.me().clone();
+        let gate = Arc::new(Barrier::new(2));
+        let g2 = gate.clone();
+        let target = cluster
+            .spawn("/t", Properties::new(), move |_| {
+                g2.wait();
+            })
+            .unwrap();
+        let spilled = Arc::new(AtomicBool::new(false));
+        let s2 = spilled.clone();
+        let t2 = target.clone();
+        let x = cluster
+            .spawn("/x", Properties::new(), move |ctx| {
+                if let Some(Event::Message(held)) = ctx.recv() {
+                    for _ in 0..10 {
+                        ctx.transfer(&t2, Box::new(Noisy(main_ref.clone())))
+                            .unwrap();
+                    }
+                    drop(held);
+                }
+                s2.store(true, Ordering::Release);
+                // Wait for the go, then send once more to the stopped target.
+                if let Some(Event::Message(_)) = ctx.recv() {
+                    let r = ctx.transfer(&t2, Box::new(Noisy(main_ref.clone())));
+                    assert!(matches!(
+                        r,
+                        Err(isolate_cluster::SendError::Disconnected(_))
+                    ));
+                }
+                ctx.send(&main_ref, &u64::MAX).unwrap();
+                while ctx.recv().is_some() {}
+            })
+            .unwrap();
+        x.send(&0u8).unwrap();
+        while !spilled.load(Ordering::Acquire) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        gate.wait();
+        target.wait_down(Duration::from_secs(10)).unwrap();
+        x.send(&0u8).unwrap();
+        let (mut drops, mut done) = (0, false);
+        while !(done && drops == 11) {
+            let v = expect_message(&mailbox, Duration::from_secs(20), |m| {
+                *m.get::<u64>().unwrap()
+            });
+            if v == u64::MAX {
+                done = true;
+            } else {
+                drops += 1;
+            }
+        }
+        assert_eq!(
+            x.wait_down(Duration::from_millis(0)),
+            None,
+            "the sender did not panic"
+        );
+        cluster.shutdown();
+        cluster.join(Duration::from_secs(10)).unwrap();
+    });
+}
