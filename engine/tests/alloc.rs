@@ -45,7 +45,7 @@ struct Quote {
 }
 
 #[test]
-fn copy_send_and_receive_allocate_nothing_in_steady_state() {
+fn copy_sends_and_calls_allocate_nothing_in_steady_state() {
     with_timeout(Duration::from_secs(60), || {
         let cluster = Cluster::single_node();
         let echo = cluster
@@ -90,6 +90,21 @@ fn copy_send_and_receive_allocate_nothing_in_steady_state() {
         }
         let after = ALLOCS.load(Ordering::Relaxed);
         assert_eq!(after - before, 0, "allocations during 20k round trips");
+        // Request/reply too: correlation ids, the pending table and in-place replies.
+        let call = |i: u64| {
+            let q = Quote { symbol: *b"EURUSD\0\0", bid: i, ask: i + 2, levels: [0; 4] };
+            let reply = mailbox.call(&echo, &q, Duration::from_secs(10)).unwrap();
+            assert_eq!(reply.get::<Quote>().unwrap().bid.to_native(), i + 1);
+        };
+        for i in 0..2_000 {
+            call(i);
+        }
+        let before = ALLOCS.load(Ordering::Relaxed);
+        for i in 0..20_000 {
+            call(i);
+        }
+        let after = ALLOCS.load(Ordering::Relaxed);
+        assert_eq!(after - before, 0, "allocations during 20k calls");
         cluster.shutdown();
         cluster.join(Duration::from_secs(10)).unwrap();
     });
