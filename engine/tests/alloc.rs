@@ -92,7 +92,12 @@ fn copy_sends_and_calls_allocate_nothing_in_steady_state() {
         assert_eq!(after - before, 0, "allocations during 20k round trips");
         // Request/reply too: correlation ids, the pending table and in-place replies.
         let call = |i: u64| {
-            let q = Quote { symbol: *b"EURUSD\0\0", bid: i, ask: i + 2, levels: [0; 4] };
+            let q = Quote {
+                symbol: *b"EURUSD\0\0",
+                bid: i,
+                ask: i + 2,
+                levels: [0; 4],
+            };
             let reply = mailbox.call(&echo, &q, Duration::from_secs(10)).unwrap();
             assert_eq!(reply.get::<Quote>().unwrap().bid.to_native(), i + 1);
         };
