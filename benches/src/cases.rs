@@ -567,69 +567,62 @@ fn idle_cpu(n: usize, d: Duration) -> (Duration, Duration) {
     (cpu, wall)
 }
 
-/// The targets of the benchmark issue, each with its measured value.
+/// The targets of the benchmark issues, each with its measured value.
 pub fn targets(all: &[Case]) -> String {
     let find = |name: &str| all.iter().find(|c| c.name == name);
-    let mut s = String::new();
-    let line = |s: &mut String, what: &str, value: f64, target: f64| {
-        let _ = writeln!(
-            s,
-            "- {what}: {value:.2}× (target ≤ {target}×) {}",
-            if value <= target {
-                "— met"
-            } else {
-                "— missed"
-            }
-        );
-    };
-    if let (Some(ic), Some(rtrb)) = (find("isolate-cluster copy 8 B"), find("raw rtrb")) {
-        line(
-            &mut s,
+    // (what, measured case, reference case, quantile, target ratio)
+    let checks = [
+        (
             "copy round trip p50 / raw rtrb p50",
-            ic.p(0.5) as f64 / rtrb.p(0.5) as f64,
+            "isolate-cluster copy 8 B",
+            "raw rtrb",
+            0.5,
             1.15,
-        );
-        line(
-            &mut s,
+        ),
+        (
             "copy round trip p99.9 / raw rtrb p99.9",
-            ic.p(0.999) as f64 / rtrb.p(0.999) as f64,
+            "isolate-cluster copy 8 B",
+            "raw rtrb",
+            0.999,
             1.5,
-        );
-        if let Some(cb) = find("crossbeam-channel bounded") {
-            line(
-                &mut s,
-                "copy round trip p50 / crossbeam-channel p50",
-                ic.p(0.5) as f64 / cb.p(0.5) as f64,
-                0.5,
-            );
-        }
-        if let Some(ix) = find("iceoryx2 publish-subscribe") {
-            line(
-                &mut s,
-                "copy round trip p50 / iceoryx2 p50",
-                ic.p(0.5) as f64 / ix.p(0.5) as f64,
-                0.25,
-            );
-        }
-        if let (Some(c), Some(rtrb)) = (
-            find("isolate-cluster call (request/reply)"),
-            find("raw rtrb"),
-        ) {
-            line(
-                &mut s,
-                "call round trip p50 / raw rtrb p50",
-                c.p(0.5) as f64 / rtrb.p(0.5) as f64,
-                1.3,
-            );
-        }
-        if let Some(t) = find("isolate-cluster transfer 1 MiB") {
-            line(
-                &mut s,
-                "1 MiB transfer p50 / 8 B copy p50",
-                t.p(0.5) as f64 / ic.p(0.5) as f64,
-                1.5,
-            );
-        }
+        ),
+        (
+            "copy round trip p50 / crossbeam-channel p50",
+            "isolate-cluster copy 8 B",
+            "crossbeam-channel bounded",
+            0.5,
+            0.5,
+        ),
+        (
+            "copy round trip p50 / iceoryx2 p50",
+            "isolate-cluster copy 8 B",
+            "iceoryx2 publish-subscribe",
+            0.5,
+            0.25,
+        ),
+        (
+            "call round trip p50 / raw rtrb p50",
+            "isolate-cluster call (request/reply)",
+            "raw rtrb",
+            0.5,
+            1.3,
+        ),
+        (
+            "1 MiB transfer p50 / 8 B copy p50",
+            "isolate-cluster transfer 1 MiB",
+            "isolate-cluster copy 8 B",
+            0.5,
+            1.5,
+        ),
+    ];
+    let mut s = String::new();
+    for (what, case, reference, q, target) in checks {
+        let (Some(c), Some(r)) = (find(case), find(reference)) else {
+            continue;
+        };
+        let value = c.p(q) as f64 / r.p(q).max(1) as f64;
+        let verdict = if value <= target { "met" } else { "missed" };
+        let _ = writeln!(s, "- {what}: {value:.2}× (target ≤ {target}×) — {verdict}");
     }
     s
 }

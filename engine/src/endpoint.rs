@@ -275,10 +275,8 @@ impl Inbound {
                 return None;
             }
             if let Some(frame) = l.overflow.pop_front() {
-                if frame.header().flags & FLAG_REPLY != 0 {
-                    self.route_reply(frame, counters);
-                    continue;
-                }
+                // `move_out_of_rings` routes replies as it fills the overflow queues.
+                debug_assert!(frame.header().flags & FLAG_REPLY == 0);
                 return Some(Polled::Owned { frame });
             }
             let frame = l.peek()?;
@@ -556,6 +554,18 @@ pub(crate) struct Meta {
     pub tag: TypeTag,
     pub correlation: u64,
     pub reply_to: u32,
+}
+
+impl Meta {
+    fn new(kind: FrameKind, tag: TypeTag, route: Route) -> Self {
+        Self {
+            kind,
+            flags: route.flags,
+            tag,
+            correlation: route.correlation,
+            reply_to: route.reply_to,
+        }
+    }
 }
 
 /// How a send behaves when the ring is full.
@@ -946,13 +956,7 @@ impl LocalEndpoint {
             value,
             arena: &mut arena,
         };
-        let meta = Meta {
-            kind: FrameKind::Copy,
-            flags: route.flags,
-            tag: crate::frame::type_tag::<T>(),
-            correlation: route.correlation,
-            reply_to: route.reply_to,
-        };
+        let meta = Meta::new(FrameKind::Copy, crate::frame::type_tag::<T>(), route);
         self.send(target, meta, &mut src, mode)
     }
 
@@ -1030,13 +1034,7 @@ impl LocalEndpoint {
         route: Route,
         mode: Mode,
     ) -> Result<(), SendError> {
-        let meta = Meta {
-            kind: FrameKind::Copy,
-            flags: route.flags,
-            tag,
-            correlation: route.correlation,
-            reply_to: route.reply_to,
-        };
+        let meta = Meta::new(FrameKind::Copy, tag, route);
         self.send(target, meta, &mut BytesSource(bytes), mode)
     }
 
@@ -1053,13 +1051,7 @@ impl LocalEndpoint {
             ptr: ptr.cast::<u8>(),
             drop_fn: crate::frame::drop_box::<T>,
         });
-        let meta = Meta {
-            kind: FrameKind::Transfer,
-            flags: route.flags,
-            tag: crate::frame::type_tag::<T>(),
-            correlation: route.correlation,
-            reply_to: route.reply_to,
-        };
+        let meta = Meta::new(FrameKind::Transfer, crate::frame::type_tag::<T>(), route);
         self.send(target, meta, &mut src, mode).map_err(|e| {
             // SAFETY: the send failed, so no frame holds `ptr`: we still own the box.
             e.map(|()| unsafe { Box::from_raw(ptr) })

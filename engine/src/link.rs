@@ -140,13 +140,10 @@ impl OwnedFrame {
 
     /// Drops the transferred value, if this frame carries one that nobody took.
     pub(crate) fn discard(self) {
-        if self.header().kind == FrameKind::Transfer {
-            // SAFETY: transfer frames are only built by `TransferSource` in this process;
-            // the value was not taken (the frame is being discarded whole).
-            unsafe {
-                let t = TransferPayload::decode(&self.cells[0].0[HEADER_BYTES..]);
-                (t.drop_fn)(t.ptr);
-            }
+        if let Some(t) = self.transfer() {
+            // SAFETY: the value was not taken (the frame is being discarded whole), so
+            // this frame is its only owner.
+            unsafe { (t.drop_fn)(t.ptr) };
         }
     }
 }
