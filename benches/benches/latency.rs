@@ -2,7 +2,8 @@
 //! one process run, on one pinned core pair, recorded in HDR histograms.
 //!
 //! `cargo bench --bench latency` (full, under 10 minutes on 2 cores);
-//! `IC_BENCH_QUICK=1 cargo bench --bench latency` (quick, under a minute).
+//! `IC_BENCH_QUICK=1 cargo bench --bench latency` (quick, under a minute);
+//! `IC_BENCH_GROUP=core` runs one group of cases only (core, payload, wake or rate).
 //! The report folder's path is printed at the end.
 
 use isolate_cluster_benches::cases;
@@ -142,6 +143,12 @@ fn main() {
         Box::new(move |cfg: Config| cases::fixed_rate(cfg, cores, 2_000)),
     );
 
+    // `IC_BENCH_GROUP=core` (or payload, wake, rate) runs one group only, without the
+    // scale run: for quick before/after comparisons while tuning.
+    let only = std::env::var("IC_BENCH_GROUP").ok();
+    if let Some(g) = &only {
+        plan.retain(|(group, _, _)| group == g);
+    }
     let rounds = if cfg.quick { 1 } else { 4 };
     let round_cfg = Config {
         samples: cfg.samples / rounds,
@@ -170,7 +177,11 @@ fn main() {
         );
     }
 
-    let scale = cases::scale(cfg) + &cases::jobs(cfg);
+    let scale = if only.is_some() {
+        String::new()
+    } else {
+        cases::scale(cfg) + &cases::jobs(cfg)
+    };
 
     let dir = report::new_dir().expect("report folder");
     let groups = [

@@ -483,7 +483,7 @@ impl<T: Payload> FrameSource for CopySource<'_, '_, T> {
         let w = rkyv::api::high::to_bytes_in_with_alloc::<_, _, RingError>(
             self.value,
             writer,
-            self.arena.acquire(),
+            crate::frame::Scratch::new(self.arena),
         )?;
         Ok(rkyv::ser::writer::Positional::pos(&w))
     }

@@ -23,11 +23,14 @@
 //! | 24..32 | `correlation`: request/reply correlation id (0: none)            |
 //! | 32..   | payload                                                          |
 
+use std::alloc::Layout;
 use std::any::TypeId;
 use std::fmt;
 use std::hash::{Hash, Hasher};
+use std::ptr::NonNull;
 
 use rkyv::rancor::{Source, Trace};
+use rkyv::ser::allocator::{Allocator, Arena, ArenaHandle};
 use rkyv::ser::writer::Positional;
 use rkyv::ser::Writer;
 
@@ -391,6 +394,62 @@ impl Writer<RingError> for RingWriter {
         }
         self.pos += bytes.len();
         Ok(())
+    }
+}
+
+/// The scratch space rkyv serialises with: the endpoint's reusable arena, acquired only
+/// when a value's serialiser first asks for scratch memory (most payloads never do, and
+/// acquiring costs more than the rest of a small send). Users never build one; it
+/// appears in the [`Payload`](crate::Payload) bound.
+pub struct Scratch<'a>(ScratchState<'a>);
+
+enum ScratchState<'a> {
+    Idle(&'a mut Arena),
+    Active(ArenaHandle<'a>),
+    Taken,
+}
+
+impl<'a> Scratch<'a> {
+    #[inline]
+    pub(crate) fn new(arena: &'a mut Arena) -> Self {
+        Self(ScratchState::Idle(arena))
+    }
+
+    #[cold]
+    fn activate(&mut self) -> &mut ArenaHandle<'a> {
+        if let ScratchState::Idle(arena) = std::mem::replace(&mut self.0, ScratchState::Taken) {
+            self.0 = ScratchState::Active(arena.acquire());
+        }
+        match &mut self.0 {
+            ScratchState::Active(h) => h,
+            _ => unreachable!("activated above"),
+        }
+    }
+}
+
+// SAFETY: both methods forward to the arena's handle, which upholds the contract
+// (unaliased memory fitting the layout; pops in reverse order); the handle is created
+// once, before the first allocation, and lives as long as this value.
+unsafe impl Allocator<RingError> for Scratch<'_> {
+    #[inline]
+    unsafe fn push_alloc(&mut self, layout: Layout) -> Result<NonNull<[u8]>, RingError> {
+        let handle = match &mut self.0 {
+            ScratchState::Active(h) => h,
+            _ => self.activate(),
+        };
+        // SAFETY: the caller's guarantees (non-zero size) pass through unchanged.
+        unsafe { Allocator::<RingError>::push_alloc(handle, layout) }
+    }
+
+    #[inline]
+    unsafe fn pop_alloc(&mut self, ptr: NonNull<u8>, layout: Layout) -> Result<(), RingError> {
+        match &mut self.0 {
+            // SAFETY: `ptr` was pushed through this handle (nothing can be pushed before
+            // it exists), and the caller pops in order.
+            ScratchState::Active(h) => unsafe { Allocator::<RingError>::pop_alloc(h, ptr, layout) },
+            // Nothing was pushed, so there is nothing to pop: a serialiser bug.
+            _ => Err(RingError::Failed),
+        }
     }
 }
 

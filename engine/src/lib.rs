@@ -90,11 +90,8 @@ pub use work::{Worker, WorkerPool};
 pub use rkyv;
 
 /// The serialiser a copy send runs: rkyv's high-level serialiser writing into ring cells.
-pub type RingSerializer<'a> = rkyv::api::high::HighSerializer<
-    frame::RingWriter,
-    rkyv::ser::allocator::ArenaHandle<'a>,
-    frame::RingError,
->;
+pub type RingSerializer<'a> =
+    rkyv::api::high::HighSerializer<frame::RingWriter, frame::Scratch<'a>, frame::RingError>;
 
 /// A type that can be sent by copy: anything rkyv can archive (derive
 /// `rkyv::Archive, rkyv::Serialize`; std types like integers, `String`, `Vec` work as is).

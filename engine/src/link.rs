@@ -452,8 +452,27 @@ impl InLink {
 
     /// The next frame in the ring, in place, without consuming it. Skip frames are
     /// consumed on the way.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn peek(&mut self) -> Option<RingFrame> {
+        let first = self.consumer.peek().ok()?;
+        // The common case: a data frame of one cell.
+        let b = &first.0;
+        let len = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        let kind = b[4];
+        if len as usize <= CELL_BYTES - HEADER_BYTES
+            && (kind == FrameKind::Copy as u8 || kind == FrameKind::Transfer as u8)
+        {
+            return Some(RingFrame {
+                frame: std::ptr::from_ref(first),
+                cells: 1,
+            });
+        }
+        self.peek_slow()
+    }
+
+    /// `peek` for skip frames and frames of several cells.
+    #[inline(never)]
+    fn peek_slow(&mut self) -> Option<RingFrame> {
         loop {
             let first = self.consumer.peek().ok()?;
             let Some((len, kind)) = FrameHeader::decode_first(&first.0) else {
