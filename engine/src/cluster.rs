@@ -1,20 +1,21 @@
 //! The node: registry of isolates, core allocator, spawn, lookup, shutdown, join.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::endpoint::{
     install_local, local_endpoint, lock, uninstall_local, Control, EndpointShared, LocalEndpoint,
 };
-use crate::error::{JoinError, LookupError, MailboxError, SpawnError};
+use crate::error::{JoinError, LookupError, MailboxError, PathError, SpawnError};
 use crate::frame::CELL_BYTES;
 use crate::inbox::{Context, ExitSignal, Inbox, Mailbox};
 use crate::isolate::{DownReason, EndpointKind, IsolateRef, Placement};
 use crate::path::{validate_path, Properties};
+use crate::supervise::{is_below, parent_of, ChildRecord, Entry, Job, Restart, Supervision};
 
 /// How a thread waits when it has nothing to read (and a sender when a ring is full).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,6 +72,8 @@ pub(crate) struct Config {
     pub core_policy: CorePolicy,
     pub cores: Option<Vec<usize>>,
     pub drop_timeout: Duration,
+    /// The node's own supervision of top-level isolates.
+    pub supervision: Supervision,
 }
 
 /// Configures a [`Cluster`].
@@ -94,6 +97,14 @@ impl Builder {
     /// Names the node (default `"node"`).
     pub fn node_name(mut self, name: impl Into<String>) -> Self {
         self.config.node_name = name.into();
+        self
+    }
+
+    /// How the node supervises top-level isolates spawned with
+    /// [`Cluster::spawn_supervised`] (default: one-for-one, 3 restarts in 5 s). Past the
+    /// intensity, the node shuts down and [`Cluster::failure`] says why.
+    pub fn supervision(mut self, supervision: Supervision) -> Self {
+        self.config.supervision = supervision;
         self
     }
 
@@ -148,6 +159,7 @@ impl Builder {
                 next_id: AtomicU32::new(1),
                 cores: Mutex::new(CoreAllocator { cores, load }),
                 undelivered: Arc::new(AtomicU64::new(0)),
+                jobs: Mutex::new(None),
             }),
         }
     }
@@ -168,7 +180,7 @@ fn process_cores() -> Vec<core_affinity::CoreId> {
 
 /// Lets the calling thread run on any of `cores` (undoing a mask inherited from a pinned
 /// spawning thread). Linux only; elsewhere a no-op.
-fn unpin_to(cores: &[core_affinity::CoreId]) {
+pub(crate) fn unpin_to(cores: &[core_affinity::CoreId]) {
     #[cfg(target_os = "linux")]
     {
         if cores.is_empty() {
@@ -223,12 +235,25 @@ impl CoreAllocator {
 }
 
 #[derive(Default)]
-struct Registry {
-    by_path: HashMap<String, IsolateRef>,
-    by_id: HashMap<u32, IsolateRef>,
-    watchers: Vec<IsolateRef>,
-    shutting_down: bool,
+pub(crate) struct Registry {
+    pub by_path: HashMap<String, IsolateRef>,
+    pub by_id: HashMap<u32, IsolateRef>,
+    pub watchers: Vec<IsolateRef>,
+    pub shutting_down: bool,
     live_isolates: usize,
+    /// Supervised isolates by path.
+    pub children: HashMap<String, ChildRecord>,
+    /// Supervision of the children of a path (`/` is the node's, else the builder's).
+    pub supervision: HashMap<String, Supervision>,
+    /// Recent restarts per supervisor path, for the intensity limit.
+    pub restarts: HashMap<String, VecDeque<Instant>>,
+    /// Supervisors told to give up: their down reason becomes `Escalated`.
+    pub escalations: HashMap<u32, String>,
+    /// Monitored endpoint id → who gets its `IsolateDown`.
+    pub monitors: HashMap<u32, Vec<IsolateRef>>,
+    next_order: u64,
+    /// Why the node's supervision gave up, if it did.
+    pub failure: Option<String>,
 }
 
 /// Counters of one endpoint, as [`Cluster::stats`] reports them.
@@ -264,11 +289,13 @@ pub struct Stats {
 pub(crate) struct ClusterInner {
     pub id: u64,
     pub config: Config,
-    registry: Mutex<Registry>,
+    pub(crate) registry: Mutex<Registry>,
     all_down: Condvar,
     next_id: AtomicU32,
     cores: Mutex<CoreAllocator>,
     undelivered: Arc<AtomicU64>,
+    /// The supervision thread's queue (started with the first job).
+    pub(crate) jobs: Mutex<Option<mpsc::Sender<Job>>>,
 }
 
 impl ClusterInner {
@@ -287,6 +314,52 @@ impl ClusterInner {
     {
         validate_path(path)?;
         let mut reg = lock(&self.registry);
+        self.spawn_locked(&mut reg, path, props, entry)
+    }
+
+    /// Spawns a supervised isolate (see [`Cluster::spawn_supervised`]).
+    pub(crate) fn spawn_supervised(
+        self: &Arc<Self>,
+        path: &str,
+        props: Properties,
+        restart: Restart,
+        entry: Entry,
+    ) -> Result<IsolateRef, SpawnError> {
+        validate_path(path)?;
+        let mut reg = lock(&self.registry);
+        let sup = parent_of(path);
+        if sup != "/" && !reg.by_path.contains_key(sup) {
+            return Err(SpawnError::NoSupervisor(sup.to_owned()));
+        }
+        let run = Arc::clone(&entry);
+        let me = self.spawn_locked(&mut reg, path, props.clone(), move |ctx: &Context| run(ctx))?;
+        let order = reg.next_order;
+        reg.next_order += 1;
+        reg.children.insert(
+            path.to_owned(),
+            ChildRecord {
+                props,
+                restart,
+                entry,
+                current: me.clone(),
+                order,
+                stopping: false,
+            },
+        );
+        Ok(me)
+    }
+
+    /// Spawns with the registry locked (the path is valid).
+    pub(crate) fn spawn_locked<F>(
+        self: &Arc<Self>,
+        reg: &mut Registry,
+        path: &str,
+        props: Properties,
+        entry: F,
+    ) -> Result<IsolateRef, SpawnError>
+    where
+        F: FnOnce(&Context) + Send + 'static,
+    {
         if reg.shutting_down {
             return Err(SpawnError::ShuttingDown);
         }
@@ -349,6 +422,14 @@ impl ClusterInner {
         Rc::new(LocalEndpoint::new(Arc::clone(self), me, self.config.wait))
     }
 
+    pub(crate) fn set_supervision(&self, path: &str, sv: Supervision) -> Result<(), PathError> {
+        if path != "/" {
+            validate_path(path)?;
+        }
+        lock(&self.registry).supervision.insert(path.to_owned(), sv);
+        Ok(())
+    }
+
     pub(crate) fn lookup(&self, path: &str) -> Result<IsolateRef, LookupError> {
         validate_path(path)?;
         lock(&self.registry)
@@ -368,12 +449,39 @@ impl ClusterInner {
 
     pub(crate) fn forget_endpoint(&self, id: u32) {
         let mut reg = lock(&self.registry);
-        if let Some(r) = reg.by_id.get(&id) {
+        if let Some(r) = reg.by_id.get(&id).cloned() {
             if !r.is_isolate() {
                 reg.by_id.remove(&id);
+                // A thread's endpoint "goes down" when it is torn down.
+                for w in reg.monitors.remove(&id).unwrap_or_default() {
+                    let _ = w
+                        .endpoint()
+                        .enqueue(Control::Down(r.clone(), DownReason::Normal));
+                }
             }
         }
         reg.watchers.retain(|w| w.id() != id);
+        for ws in reg.monitors.values_mut() {
+            ws.retain(|w| w.id() != id);
+        }
+    }
+
+    /// Sends `me` one `Down` for `target` when it stops (at once if it has stopped).
+    pub(crate) fn monitor(&self, me: &IsolateRef, target: &IsolateRef) {
+        let mut reg = lock(&self.registry);
+        let live = target.0.cluster_id == self.id
+            && reg.by_id.get(&target.id()).is_some_and(|r| r == target);
+        if live {
+            let ws = reg.monitors.entry(target.id()).or_default();
+            if !ws.iter().any(|w| w == me) {
+                ws.push(me.clone());
+            }
+        } else {
+            let why = target
+                .wait_down(Duration::ZERO)
+                .unwrap_or(DownReason::Normal);
+            let _ = me.endpoint().enqueue(Control::Down(target.clone(), why));
+        }
     }
 
     /// Registers `me` as a watcher and replays every live isolate to it.
@@ -387,16 +495,41 @@ impl ClusterInner {
         }
     }
 
-    pub(crate) fn request_shutdown(&self) {
+    /// Node shutdown: no more spawns, and isolates are asked to stop, children before
+    /// parents (on the supervision thread); other threads' endpoints are asked at once.
+    pub(crate) fn request_shutdown(self: &Arc<Self>) {
+        self.begin_shutdown();
+        self.submit(Job::StopAll);
+    }
+
+    /// Refuses spawns from now on and asks the endpoints of plain threads to stop.
+    pub(crate) fn begin_shutdown(&self) {
         let mut reg = lock(&self.registry);
         reg.shutting_down = true;
-        for r in reg.by_id.values() {
+        for r in reg.by_id.values().filter(|r| !r.is_isolate()) {
             let _ = r.endpoint().enqueue(Control::Shutdown);
         }
     }
 
-    fn isolate_down(&self, me: &IsolateRef, reason: &DownReason) {
+    /// The cores isolates may run on.
+    pub(crate) fn cluster_cores(&self) -> Vec<core_affinity::CoreId> {
+        lock(&self.cores).cores.clone()
+    }
+
+    /// Bookkeeping for a stopped isolate: registry, watchers, monitors, supervision.
+    fn isolate_down(
+        self: &Arc<Self>,
+        me: &IsolateRef,
+        reason: DownReason,
+        value: Option<Box<dyn std::any::Any + Send>>,
+    ) {
         let mut reg = lock(&self.registry);
+        let reason = match reg.escalations.remove(&me.id()) {
+            Some(msg) => DownReason::Escalated(msg),
+            None => reason,
+        };
+        // Before any event goes out, so whoever gets one sees the reason in `wait_down`.
+        me.set_down(reason.clone(), value);
         if reg.by_path.get(me.path()).is_some_and(|r| r == me) {
             reg.by_path.remove(me.path());
         }
@@ -407,9 +540,33 @@ impl ClusterInner {
                 .endpoint()
                 .enqueue(Control::Down(me.clone(), reason.clone()));
         }
+        for w in reg.monitors.remove(&me.id()).unwrap_or_default() {
+            let _ = w
+                .endpoint()
+                .enqueue(Control::Down(me.clone(), reason.clone()));
+        }
+        for ws in reg.monitors.values_mut() {
+            ws.retain(|w| w != me);
+        }
+        let job = match reg.children.get(me.path()) {
+            Some(rec) if rec.current == *me => (!rec.stopping).then(|| Job::ChildDown {
+                path: me.path().to_owned(),
+                id: me.id(),
+                reason,
+            }),
+            _ => None,
+        };
+        let job = job.or_else(|| {
+            let below = !reg.shutting_down && reg.by_path.keys().any(|p| is_below(p, me.path()));
+            below.then(|| Job::StopDescendants(me.path().to_owned()))
+        });
         reg.live_isolates -= 1;
         lock(&self.cores).release(me.placement());
         self.all_down.notify_all();
+        drop(reg);
+        if let Some(job) = job {
+            self.submit(job);
+        }
     }
 
     pub(crate) fn join(&self, timeout: Duration) -> Result<(), JoinError> {
@@ -507,8 +664,7 @@ fn run_isolate<F>(
     uninstall_local(inner.id);
     ep.teardown();
     drop(ep);
-    inner.isolate_down(&me, &reason);
-    me.set_down(reason, value);
+    inner.isolate_down(&me, reason, value);
 }
 
 /// A node of isolates: the handle that spawns, looks up and shuts down.
@@ -535,6 +691,7 @@ impl Cluster {
                 core_policy: CorePolicy::default(),
                 cores: None,
                 drop_timeout: Duration::from_secs(2),
+                supervision: Supervision::default(),
             },
         }
     }
@@ -562,6 +719,63 @@ impl Cluster {
         F: FnOnce(&Context) + Send + 'static,
     {
         ClusterInner::spawn(&self.inner, path, properties, entry)
+    }
+
+    /// Spawns a supervised isolate: like [`spawn`](Self::spawn), but when it stops its
+    /// supervisor (the isolate at the parent path, or the node for a top-level path)
+    /// restarts it per `restart` and the supervisor's [`Supervision`] — the same `entry`
+    /// at the same path with the same properties, as a new incarnation. See
+    /// [`supervise`](crate::supervise) for the rules. The parent path must be `/` or a live
+    /// isolate ([`SpawnError::NoSupervisor`] otherwise).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use isolate_cluster::{Cluster, Properties, Restart};
+    ///
+    /// let cluster = Cluster::single_node();
+    /// let first = cluster
+    ///     .spawn_supervised("/flaky", Properties::new(), Restart::Transient, |ctx| {
+    ///         if ctx.recv().is_some() {
+    ///             panic!("a bad day");
+    ///         }
+    ///     })
+    ///     .unwrap();
+    /// first.send(&1u8).unwrap();
+    /// first.wait_down(Duration::from_secs(5)).expect("it panicked");
+    /// let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    /// let second = loop {
+    ///     match cluster.lookup("/flaky") {
+    ///         Ok(r) if r != first => break r,
+    ///         _ if std::time::Instant::now() < deadline => std::thread::yield_now(),
+    ///         _ => panic!("not restarted"),
+    ///     }
+    /// };
+    /// assert!(second.is_alive() && !first.is_alive());
+    /// ```
+    pub fn spawn_supervised<F>(
+        &self,
+        path: &str,
+        properties: Properties,
+        restart: Restart,
+        entry: F,
+    ) -> Result<IsolateRef, SpawnError>
+    where
+        F: Fn(&Context) + Send + Sync + 'static,
+    {
+        ClusterInner::spawn_supervised(&self.inner, path, properties, restart, Arc::new(entry))
+    }
+
+    /// Sets how the isolate at `path` supervises its children (`/` for the node's own
+    /// top-level isolates). It holds for every incarnation of that path; an isolate can
+    /// also set it for itself with [`Context::supervise_children`].
+    pub fn supervise(&self, path: &str, supervision: Supervision) -> Result<(), PathError> {
+        self.inner.set_supervision(path, supervision)
+    }
+
+    /// Why the node's supervision gave up (a top-level isolate exceeded the node's restart
+    /// intensity, and the node shut down), if it did.
+    pub fn failure(&self) -> Option<String> {
+        lock(&self.inner.registry).failure.clone()
     }
 
     /// Looks up a live isolate by path.

@@ -53,6 +53,8 @@ pub(crate) enum Control {
     Down(IsolateRef, DownReason),
     /// The node asks this endpoint to shut down.
     Shutdown,
+    /// A supervision event; `true` when it is the node's (delivered to watchers).
+    Supervision(crate::supervise::Notice, bool),
 }
 
 /// Counters of one endpoint. Each is written by one thread only (plain load+store, no

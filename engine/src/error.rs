@@ -52,6 +52,8 @@ pub enum SpawnError {
     ShuttingDown,
     /// The operating system refused to start the thread.
     Thread(std::io::Error),
+    /// A supervised isolate needs a live isolate at its parent path (or a top-level path).
+    NoSupervisor(String),
 }
 
 impl fmt::Display for SpawnError {
@@ -61,6 +63,7 @@ impl fmt::Display for SpawnError {
             Self::Duplicate(p) => write!(f, "an isolate already lives at {p}"),
             Self::ShuttingDown => f.write_str("the node is shutting down"),
             Self::Thread(e) => write!(f, "could not start the isolate's thread: {e}"),
+            Self::NoSupervisor(p) => write!(f, "no live isolate at {p} to supervise this one"),
         }
     }
 }

@@ -14,6 +14,7 @@ use crate::frame::FrameHeader;
 use crate::isolate::IsolateRef;
 use crate::message::{Body, Event, Message, Replier};
 use crate::path::{Properties, PropertyValue};
+use crate::supervise::{Notice, Restart, Supervision};
 use crate::Payload;
 
 type Filter = Box<dyn Fn(&IsolateRef) -> bool>;
@@ -37,6 +38,7 @@ pub struct Inbox {
     ep: Rc<LocalEndpoint>,
     filters: RefCell<Vec<Filter>>,
     up: RefCell<HashSet<u32>>,
+    monitored: RefCell<HashSet<u32>>,
     stopping: Cell<bool>,
     finished: Cell<bool>,
 }
@@ -48,6 +50,7 @@ impl Inbox {
             ep,
             filters: RefCell::new(Vec::new()),
             up: RefCell::new(HashSet::new()),
+            monitored: RefCell::new(HashSet::new()),
             stopping: Cell::new(false),
             finished: Cell::new(false),
         }
@@ -149,13 +152,42 @@ impl Inbox {
                 self.up.borrow_mut().insert(r.id());
                 Some(Event::IsolateUp(r))
             }
-            Control::Down(r, why) => self
-                .up
-                .borrow_mut()
-                .remove(&r.id())
-                .then_some(Event::IsolateDown(r, why)),
+            Control::Down(r, why) => {
+                // Watched and monitored alike: one `IsolateDown` per isolate.
+                let watched = self.up.borrow_mut().remove(&r.id());
+                let monitored = self.monitored.borrow_mut().remove(&r.id());
+                (watched || monitored).then_some(Event::IsolateDown(r, why))
+            }
             Control::Shutdown => Some(Event::ShutdownRequested),
+            Control::Supervision(notice, from_node) => {
+                let child = match &notice {
+                    Notice::Failed(r, _) | Notice::Restarted(r) => Some(r),
+                    Notice::GaveUp(_) => None,
+                };
+                if from_node {
+                    if let Some(r) = child {
+                        if !self.filters.borrow().iter().any(|f| f(r)) {
+                            return None;
+                        }
+                    }
+                }
+                Some(match notice {
+                    Notice::Failed(r, why) => Event::ChildFailed(r, why),
+                    Notice::Restarted(r) => Event::ChildRestarted(r),
+                    Notice::GaveUp(why) => Event::SupervisionGaveUp(why),
+                })
+            }
             Control::NewLink(..) => None,
+        }
+    }
+
+    /// Monitors `target`: exactly one [`Event::IsolateDown`] when it stops (at once if it
+    /// already has), whatever else watches it and however often this is called. Works
+    /// on any reference, from any isolate or mailbox; a restarted isolate is a new
+    /// incarnation, so monitor the reference the restart announces to follow it.
+    pub fn monitor(&self, target: &IsolateRef) {
+        if self.monitored.borrow_mut().insert(target.id()) {
+            self.ep.cluster.monitor(&self.ep.me, target);
         }
     }
 
@@ -550,6 +582,38 @@ impl Context {
         F: FnOnce(&Context) + Send + 'static,
     {
         ClusterInner::spawn(self.inbox.cluster(), path, properties, entry)
+    }
+
+    /// Spawns a supervised child (see
+    /// [`Cluster::spawn_supervised`](crate::Cluster::spawn_supervised)); this isolate is its
+    /// supervisor when `path` lies directly below this isolate's path.
+    pub fn spawn_supervised<F>(
+        &self,
+        path: &str,
+        properties: Properties,
+        restart: Restart,
+        entry: F,
+    ) -> Result<IsolateRef, SpawnError>
+    where
+        F: Fn(&Context) + Send + Sync + 'static,
+    {
+        ClusterInner::spawn_supervised(
+            self.inbox.cluster(),
+            path,
+            properties,
+            restart,
+            std::sync::Arc::new(entry),
+        )
+    }
+
+    /// Sets how this isolate supervises its children; it holds for later incarnations of
+    /// this path too (set it before spawning children, as a restarted isolate re-runs its
+    /// entry anyway).
+    pub fn supervise_children(&self, supervision: Supervision) {
+        let _ = self
+            .inbox
+            .cluster()
+            .set_supervision(self.path(), supervision);
     }
 
     /// Runs `f` on a new short-lived isolate and returns its result, moved out without a

@@ -32,6 +32,16 @@ pub enum DownReason {
     Exited,
     /// It panicked; the panic message.
     Panicked(String),
+    /// Its supervision gave up (too many restarts of its children); why.
+    Escalated(String),
+}
+
+impl DownReason {
+    /// Whether this is a failure (a panic or an escalation), which a
+    /// [`Restart::Transient`](crate::Restart::Transient) isolate is restarted after.
+    pub fn is_failure(&self) -> bool {
+        matches!(self, Self::Panicked(_) | Self::Escalated(_))
+    }
 }
 
 impl fmt::Display for DownReason {
@@ -40,6 +50,7 @@ impl fmt::Display for DownReason {
             Self::Normal => f.write_str("normal exit"),
             Self::Exited => f.write_str("exited with a value"),
             Self::Panicked(m) => write!(f, "panicked: {m}"),
+            Self::Escalated(m) => write!(f, "escalated: {m}"),
         }
     }
 }

@@ -67,6 +67,7 @@ mod isolate;
 mod link;
 mod message;
 mod path;
+pub mod supervise;
 mod sync;
 #[cfg(loom)]
 #[doc(hidden)]
@@ -85,6 +86,7 @@ pub use inbox::{Context, Inbox, Mailbox, RequestId};
 pub use isolate::{DownReason, IsolateRef, Placement};
 pub use message::{Event, Message, Replier};
 pub use path::{validate_path, Properties, PropertyValue};
+pub use supervise::{Restart, Strategy, Supervision};
 pub use work::{Worker, WorkerPool};
 
 pub use rkyv;

@@ -25,6 +25,16 @@ pub enum Event<'a> {
     /// The node asks this isolate to shut down. It comes after every message that was
     /// already waiting in the isolate's rings when the request arrived.
     ShutdownRequested,
+    /// A supervised child of this isolate failed (panicked, or its own supervision gave
+    /// up), and why: the panic message is in the reason. The node's top-level children's
+    /// failures go to watchers ([`Inbox::watch_isolates`](crate::Inbox::watch_isolates)).
+    ChildFailed(IsolateRef, DownReason),
+    /// A supervised child was restarted: its new incarnation.
+    ChildRestarted(IsolateRef),
+    /// This isolate's supervision gave up (its children exceeded the restart intensity):
+    /// its children are being stopped and a shutdown request follows; it will go down as
+    /// [`DownReason::Escalated`] with this text. For the node, sent to watchers.
+    SupervisionGaveUp(String),
 }
 
 impl fmt::Debug for Event<'_> {
@@ -34,6 +44,9 @@ impl fmt::Debug for Event<'_> {
             Self::IsolateUp(r) => write!(f, "IsolateUp({r})"),
             Self::IsolateDown(r, why) => write!(f, "IsolateDown({r}, {why})"),
             Self::ShutdownRequested => f.write_str("ShutdownRequested"),
+            Self::ChildFailed(r, why) => write!(f, "ChildFailed({r}, {why})"),
+            Self::ChildRestarted(r) => write!(f, "ChildRestarted({r})"),
+            Self::SupervisionGaveUp(why) => write!(f, "SupervisionGaveUp({why})"),
         }
     }
 }
