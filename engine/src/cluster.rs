@@ -241,6 +241,8 @@ pub(crate) struct Registry {
     pub watchers: Vec<IsolateRef>,
     pub shutting_down: bool,
     live_isolates: usize,
+    /// Supervision jobs queued or running (`join` waits for them: a restart may follow).
+    pub pending_jobs: usize,
     /// Supervised isolates by path.
     pub children: HashMap<String, ChildRecord>,
     /// Supervision of the children of a path (`/` is the node's, else the builder's).
@@ -290,7 +292,7 @@ pub(crate) struct ClusterInner {
     pub id: u64,
     pub config: Config,
     pub(crate) registry: Mutex<Registry>,
-    all_down: Condvar,
+    pub(crate) all_down: Condvar,
     next_id: AtomicU32,
     cores: Mutex<CoreAllocator>,
     undelivered: Arc<AtomicU64>,
@@ -560,19 +562,22 @@ impl ClusterInner {
             let below = !reg.shutting_down && reg.by_path.keys().any(|p| is_below(p, me.path()));
             below.then(|| Job::StopDescendants(me.path().to_owned()))
         });
+        if job.is_some() {
+            reg.pending_jobs += 1;
+        }
         reg.live_isolates -= 1;
         lock(&self.cores).release(me.placement());
         self.all_down.notify_all();
         drop(reg);
         if let Some(job) = job {
-            self.submit(job);
+            self.enqueue_job(job);
         }
     }
 
     pub(crate) fn join(&self, timeout: Duration) -> Result<(), JoinError> {
         let deadline = Instant::now() + timeout;
         let mut reg = lock(&self.registry);
-        while reg.live_isolates > 0 {
+        while reg.live_isolates > 0 || reg.pending_jobs > 0 {
             let now = Instant::now();
             if now >= deadline {
                 let mut running: Vec<String> = reg.by_path.keys().cloned().collect();

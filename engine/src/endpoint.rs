@@ -759,12 +759,13 @@ impl LocalEndpoint {
             correlation: meta.correlation,
         };
         let link = &mut out.links[i];
-        // The fast path: nothing spilled, room in the ring. A copy send learns whether the
-        // target has closed from `notify`, after publishing (one read of the target's state
-        // word, off the critical path). A transfer checks first, so that a value handed
-        // back in an error was never published.
+        // The fast path: nothing spilled, target open, room in the ring. A target that
+        // closes after the check is caught by `notify` after publishing (the frame is then
+        // drained and counted as undelivered); checking first means a send to an isolate
+        // known to be down reports `Disconnected`, and a transfer handed back in an error
+        // was never published.
         if link.spill.is_empty()
-            && (header.kind != FrameKind::Transfer || !link.target.wake.is_closed())
+            && !link.target.wake.is_closed()
             && link.write(header, src) == WriteOutcome::Written
         {
             bump(&self.shared.counters.sent);

@@ -332,7 +332,14 @@ impl Inbox {
         request: &T,
         timeout: Duration,
     ) -> Result<Message<'_>, CallError> {
-        let id = self.request(target, request)?;
+        let id = match self.request(target, request) {
+            Ok(id) => id,
+            // A target known to be down: say why, as a call that was waiting would.
+            Err(SendError::Disconnected(())) if target.wait_down(Duration::ZERO).is_some() => {
+                return Err(CallError::TargetDown(target.wait_down(Duration::ZERO)))
+            }
+            Err(e) => return Err(e.into()),
+        };
         self.wait_reply(id, timeout)
     }
 

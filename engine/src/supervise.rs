@@ -220,6 +220,13 @@ impl Registry {
 impl ClusterInner {
     /// Queues work for the supervision thread, starting it if needed.
     pub(crate) fn submit(self: &Arc<Self>, job: Job) {
+        lock(&self.registry).pending_jobs += 1;
+        self.enqueue_job(job);
+    }
+
+    /// `submit` for a caller that counted the job in `pending_jobs` already (under the
+    /// same lock as the change that caused it, so `join` never sees a gap).
+    pub(crate) fn enqueue_job(self: &Arc<Self>, job: Job) {
         let mut g = lock(&self.jobs);
         if let Some(tx) = &*g {
             match tx.send(job) {
@@ -245,12 +252,14 @@ impl ClusterInner {
             });
         if started.is_err() {
             // No thread: do the one thing that must not be lost, inline and unordered.
+            let mut reg = lock(&self.registry);
             if let Job::StopAll = job {
-                let reg = lock(&self.registry);
                 for r in reg.by_id.values() {
                     let _ = r.endpoint().enqueue(Control::Shutdown);
                 }
             }
+            reg.pending_jobs -= 1;
+            self.all_down.notify_all();
             return;
         }
         let _ = tx.send(job);
@@ -445,6 +454,8 @@ fn supervise(node: Weak<ClusterInner>, jobs: mpsc::Receiver<Job>) {
             return;
         };
         inner.handle(job);
+        lock(&inner.registry).pending_jobs -= 1;
+        inner.all_down.notify_all();
     }
 }
 
