@@ -20,6 +20,7 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let what = args.next().unwrap_or_else(|| "engine".into());
     let n: u64 = args.next().and_then(|s| s.parse().ok()).unwrap_or(100_000);
+    let started = std::time::Instant::now();
     let sum = match what.as_str() {
         "engine" => engine(n),
         "rtrb" => raw(n),
@@ -29,7 +30,8 @@ fn main() {
         }
     };
     assert_eq!(sum, n * (n - 1) / 2, "every value came back once");
-    println!("{what}: {n} rounds, checksum {sum}");
+    let per = started.elapsed().as_secs_f64() * 1e9 / n as f64;
+    println!("{what}: {n} rounds, checksum {sum}, {per:.1} ns per round");
 }
 
 fn engine(n: u64) -> u64 {

@@ -848,12 +848,16 @@ impl Cluster {
     }
 
     /// Asks every isolate (and every mailbox) to shut down: each gets
-    /// [`Event::ShutdownRequested`](crate::Event::ShutdownRequested). Later spawns fail.
+    /// [`Event::ShutdownRequested`](crate::Event::ShutdownRequested), isolates deepest path
+    /// first — a level is asked once the one below it has stopped (or after the
+    /// `drop_timeout` if one does not). Mailboxes are asked at once. Later spawns fail;
+    /// nothing is restarted. Returns at once; [`join`](Self::join) waits.
     pub fn shutdown(&self) {
         self.inner.request_shutdown();
     }
 
-    /// Waits for every isolate to stop, for at most `timeout`.
+    /// Waits for every isolate to stop, and for pending supervision work (a restart may
+    /// follow a stop), for at most `timeout`.
     pub fn join(&self, timeout: Duration) -> Result<(), JoinError> {
         self.inner.join(timeout)
     }

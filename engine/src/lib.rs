@@ -21,10 +21,15 @@
 //! - **No lost wake-ups.** Idle isolates park ([`WaitStrategy::SpinThenPark`], the
 //!   default) and use no CPU; a Dekker-style flag protocol, model-checked with loom,
 //!   guarantees a sender always wakes a parked receiver. Many more isolates than cores work.
-//! - **Isolation.** A panic in an isolate ends that isolate only; watchers get
-//!   [`Event::IsolateDown`] with the panic message.
-//! - **Shutdown never hangs.** [`Cluster::shutdown`] asks every isolate to stop; each drains
-//!   what was sent before it stopped. Dropping the [`Cluster`] waits a bounded time.
+//! - **Isolation.** A panic in an isolate ends that isolate only; watchers and monitors
+//!   ([`Inbox::monitor`]) get [`Event::IsolateDown`] with the panic message.
+//! - **Supervision.** The path tree is the supervision tree: isolates spawned with
+//!   [`Cluster::spawn_supervised`] are restarted by their parent per [`Restart`] and the
+//!   parent's [`Supervision`] (one-for-one, one-for-all, rest-for-one, restart intensity,
+//!   escalation up to the node). See [`supervise`].
+//! - **Shutdown never hangs.** [`Cluster::shutdown`] asks every isolate to stop, children
+//!   before parents; each drains what was sent before it stopped. Dropping the
+//!   [`Cluster`] waits a bounded time.
 //!
 //! ## Example
 //!
