@@ -1131,6 +1131,23 @@ impl LocalEndpoint {
             .inspect_err(|_| self.forget_request(id))
     }
 
+    /// Like [`request`](Self::request), with raw bytes and an application tag.
+    pub(crate) fn request_bytes(
+        &self,
+        target: &IsolateRef,
+        tag: TypeTag,
+        bytes: &[u8],
+    ) -> Result<u64, SendError> {
+        let (id, route) = self.open_request(target);
+        let route = Route {
+            flags: route.flags | crate::frame::FLAG_RAW,
+            ..route
+        };
+        self.send_bytes(Target::Ref(target), tag, bytes, route, Mode::Block)
+            .map(|()| id)
+            .inspect_err(|_| self.forget_request(id))
+    }
+
     /// Like [`request`](Self::request), moving `value` instead of copying it.
     pub(crate) fn request_transfer<T: Send + 'static>(
         &self,

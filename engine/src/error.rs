@@ -151,7 +151,8 @@ impl<T> SendError<T> {
         }
     }
 
-    pub(crate) fn map<U>(self, f: impl FnOnce(T) -> U) -> SendError<U> {
+    /// Maps the value carried back (for example to take a transferred box out of it).
+    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> SendError<U> {
         match self {
             Self::Full(v) => SendError::Full(f(v)),
             Self::Disconnected(v) => SendError::Disconnected(f(v)),

@@ -264,6 +264,32 @@ impl Inbox {
             .send_bytes(Target::Ref(target), tag, bytes, route, Mode::Block)
     }
 
+    /// [`send_bytes`](Self::send_bytes) that returns [`SendError::Full`] instead of waiting.
+    pub fn try_send_bytes(
+        &self,
+        target: &IsolateRef,
+        tag: crate::TypeTag,
+        bytes: &[u8],
+    ) -> Result<(), SendError> {
+        let route = Route {
+            flags: crate::frame::FLAG_RAW,
+            ..Route::plain(self.ep.shared.id)
+        };
+        self.ep
+            .send_bytes(Target::Ref(target), tag, bytes, route, Mode::Try)
+    }
+
+    /// [`request`](Self::request) with raw bytes and an application tag (as
+    /// [`send_bytes`](Self::send_bytes)): the form foreign callers use.
+    pub fn request_bytes(
+        &self,
+        target: &IsolateRef,
+        tag: crate::TypeTag,
+        bytes: &[u8],
+    ) -> Result<RequestId, SendError> {
+        self.ep.request_bytes(target, tag, bytes).map(RequestId)
+    }
+
     /// Moves `value` to `target`; only the pointer travels.
     pub fn transfer<T: Send + 'static>(
         &self,

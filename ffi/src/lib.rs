@@ -1,0 +1,1343 @@
+//! The C ABI of isolate-cluster.
+//!
+//! Builds `libisolate_cluster` as a shared and a static library; the header is
+//! `include/isolate_cluster.h`, generated from this file by cbindgen (`cbindgen.toml`) and
+//! committed; a test regenerates it and fails on any difference.
+//!
+//! Safety at the boundary:
+//! - every exported function runs inside `catch_unwind`: a panic becomes
+//!   [`ic_error::IC_ERR_PANIC`], never an unwind into C;
+//! - clusters, isolates, inboxes and messages are named by 64-bit handles whose upper half
+//!   is a generation drawn from a global counter, so a freed, released or closed handle
+//!   (and a double free) is reported as [`ic_error::IC_ERR_STALE_HANDLE`];
+//! - inboxes belong to one thread (an isolate's, or the thread that opened a mailbox): a
+//!   handle used on another thread is [`ic_error::IC_ERR_WRONG_THREAD`];
+//! - bytes that arrive from C are sent as raw frames, which the engine never reads as an
+//!   rkyv archive without validating them first (`Message::get_checked`).
+
+#![allow(non_camel_case_types)]
+// Every `extern "C"` function takes raw pointers from C; their contracts are stated in the
+// doc comment each one carries into the header.
+#![allow(clippy::missing_safety_doc)]
+
+use std::cell::RefCell;
+use std::ffi::{c_char, c_void, CStr, CString};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use engine::{
+    CallError, Cluster, Context, CorePolicy, Event, Inbox, IsolateRef, Mailbox, MailboxError,
+    Message, Properties, SendError, SpawnError, WaitStrategy,
+};
+
+/// Error codes. Every function returns one; `ic_error_str` names each.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ic_error {
+    /// Success.
+    IC_OK = 0,
+    /// A required pointer argument was NULL.
+    IC_ERR_NULL = 1,
+    /// The handle was never valid, or was freed, released or closed.
+    IC_ERR_STALE_HANDLE = 2,
+    /// The inbox belongs to another thread.
+    IC_ERR_WRONG_THREAD = 3,
+    /// An argument is out of range (a tag with the top bit set, a bad enum value, a
+    /// string that is not UTF-8...).
+    IC_ERR_INVALID_ARGUMENT = 4,
+    /// The path is not a valid isolate path.
+    IC_ERR_INVALID_PATH = 5,
+    /// An isolate already lives at this path.
+    IC_ERR_DUPLICATE = 6,
+    /// No isolate lives at this path.
+    IC_ERR_NOT_FOUND = 7,
+    /// The node is shutting down.
+    IC_ERR_SHUTTING_DOWN = 8,
+    /// The ring to the target is full (non-blocking send).
+    IC_ERR_FULL = 9,
+    /// The target has stopped.
+    IC_ERR_DISCONNECTED = 10,
+    /// The message can never fit in a ring.
+    IC_ERR_TOO_LARGE = 11,
+    /// Nothing arrived in time.
+    IC_ERR_TIMEOUT = 12,
+    /// The called isolate answered with an error (its text is in `ic_last_error`).
+    IC_ERR_REMOTE = 13,
+    /// The called isolate stopped without answering (why: `ic_last_error`).
+    IC_ERR_TARGET_DOWN = 14,
+    /// The inbox has stopped: no more events.
+    IC_ERR_STOPPED = 15,
+    /// This thread already has an open mailbox for this cluster.
+    IC_ERR_IN_USE = 16,
+    /// The message is not a request, or was a transfer already taken.
+    IC_ERR_NOT_A_REQUEST = 17,
+    /// The operating system refused a thread.
+    IC_ERR_THREAD = 18,
+    /// A panic inside the library was caught (detail in `ic_last_error`).
+    IC_ERR_PANIC = 19,
+}
+
+use ic_error::*;
+
+/// The kind of an event `ic_recv` returns.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ic_event_kind {
+    /// A message: `tag`, `data`, `len`, `sender_id`, `flags`.
+    IC_EVENT_MESSAGE = 1,
+    /// A watched isolate is up: `path`, `isolate_id`.
+    IC_EVENT_ISOLATE_UP = 2,
+    /// A watched isolate went down: `path`, `isolate_id`, `reason`.
+    IC_EVENT_ISOLATE_DOWN = 3,
+    /// The node asks this isolate to shut down (it stops after this event).
+    IC_EVENT_SHUTDOWN_REQUESTED = 4,
+    /// A supervised child failed: `path`, `isolate_id`, `reason`.
+    IC_EVENT_CHILD_FAILED = 5,
+    /// A supervised child was restarted: `path`, `isolate_id` (the new incarnation).
+    IC_EVENT_CHILD_RESTARTED = 6,
+    /// This isolate's supervision gave up: `reason`.
+    IC_EVENT_SUPERVISION_GAVE_UP = 7,
+}
+
+/// How idle isolates wait (`ic_config.wait_strategy`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ic_wait_strategy {
+    /// Spin `spin_ns`, then park (the default).
+    IC_WAIT_SPIN_THEN_PARK = 0,
+    /// Spin forever: lowest latency, a core per isolate.
+    IC_WAIT_BUSY_SPIN = 1,
+    /// Spin, yielding the core on every round.
+    IC_WAIT_YIELD = 2,
+}
+
+/// Where isolates' threads run (`ic_config.core_policy`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ic_core_policy {
+    /// A dedicated core while free cores last, then unpinned (the default).
+    IC_CORES_DEDICATED = 0,
+    /// A dedicated core while free cores last, then the least loaded core.
+    IC_CORES_SHARED = 1,
+    /// No pinning.
+    IC_CORES_UNPINNED = 2,
+}
+
+/// `ic_message.flags`: the message is a request; answer it with `ic_reply` or
+/// `ic_reply_error`.
+pub const IC_MSG_REQUEST: u32 = 1;
+/// `ic_message.flags`: the message carries a moved buffer (see `ic_transfer`); take it
+/// with `ic_message_take`, or it is freed on release.
+pub const IC_MSG_TRANSFER: u32 = 2;
+/// `ic_message.flags`: the message is an error reply.
+pub const IC_MSG_ERROR: u32 = 4;
+
+/// Cluster configuration. Fill it with `ic_config_init`, then change what you need.
+/// Integer fields hold the values of the enums above.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ic_config {
+    /// Bytes per ring (per pair of endpoints that talk); default 65536.
+    pub ring_capacity: usize,
+    /// An `ic_wait_strategy` value.
+    pub wait_strategy: u32,
+    /// Spin time before parking, for `IC_WAIT_SPIN_THEN_PARK`; default 50000.
+    pub spin_ns: u64,
+    /// An `ic_core_policy` value.
+    pub core_policy: u32,
+    /// How long `ic_cluster_free` waits for isolates to stop; default 2000.
+    pub drop_timeout_ms: u64,
+    /// The node's name (copied); may be NULL for "node".
+    pub node_name: *const c_char,
+}
+
+/// One property of an isolate: a key and a string value (both copied at spawn).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ic_property {
+    /// The key, NUL-terminated UTF-8.
+    pub key: *const c_char,
+    /// The value, NUL-terminated UTF-8.
+    pub value: *const c_char,
+}
+
+/// What `ic_recv` and `ic_call` fill in. Everything it points to stays valid until
+/// `ic_message_release` (or `ic_message_take` for a transfer's buffer).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ic_message {
+    /// Names this message for `ic_reply`, `ic_message_take` and `ic_message_release`.
+    pub handle: u64,
+    /// An `ic_event_kind` value.
+    pub kind: u32,
+    /// `IC_MSG_*` bits.
+    pub flags: u32,
+    /// The sender's tag (for a transfer, the tag given to `ic_transfer`).
+    pub tag: u64,
+    /// The payload (NULL when there is none).
+    pub data: *const u8,
+    /// Payload length in bytes.
+    pub len: usize,
+    /// Endpoint id of the sender (0 for events).
+    pub sender_id: u32,
+    /// For isolate events: the isolate's endpoint id.
+    pub isolate_id: u32,
+    /// For isolate events: its path, NUL-terminated; NULL otherwise.
+    pub path: *const c_char,
+    /// For down, failure and give-up events: why, NUL-terminated; NULL otherwise.
+    pub reason: *const c_char,
+}
+
+/// A cluster handle (0 is never valid).
+pub type ic_cluster = u64;
+/// An isolate handle (0 is never valid).
+pub type ic_isolate = u64;
+/// An inbox handle: an isolate's own (given to its entry function) or a thread's mailbox
+/// (0 is never valid).
+pub type ic_inbox = u64;
+
+/// Frees a buffer moved with `ic_transfer`: called once, with the pointer and the
+/// context given there, on whichever thread drops the buffer last.
+pub type ic_free_fn = Option<unsafe extern "C" fn(data: *mut c_void, ctx: *mut c_void)>;
+
+/// An isolate's entry function: runs on the isolate's own thread with the isolate's
+/// inbox; the isolate stops when it returns. `user_data` is what was given to `ic_spawn`.
+pub type ic_entry_fn = Option<unsafe extern "C" fn(inbox: ic_inbox, user_data: *mut c_void)>;
+
+// ---------------------------------------------------------------------------------------
+// Errors
+
+thread_local! {
+    static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
+}
+
+fn set_last_error(msg: impl Into<String>) {
+    let mut s = msg.into();
+    s.retain(|c| c != '\0');
+    let c = CString::new(s).unwrap_or_default();
+    LAST_ERROR.with(|e| *e.borrow_mut() = c);
+}
+
+/// Runs `f`, turning a panic into `IC_ERR_PANIC` and recording error detail.
+fn guard(f: impl FnOnce() -> Result<(), (ic_error, String)>) -> ic_error {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(())) => IC_OK,
+        Ok(Err((code, msg))) => {
+            set_last_error(msg);
+            code
+        }
+        Err(p) => {
+            let msg = p
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "panic".to_owned());
+            set_last_error(format!("panic inside isolate-cluster: {msg}"));
+            IC_ERR_PANIC
+        }
+    }
+}
+
+type R<T = ()> = Result<T, (ic_error, String)>;
+
+fn err<T>(code: ic_error, msg: impl Into<String>) -> R<T> {
+    Err((code, msg.into()))
+}
+
+fn non_null<T>(p: *const T, what: &str) -> R {
+    if p.is_null() {
+        return err(IC_ERR_NULL, format!("{what} is NULL"));
+    }
+    Ok(())
+}
+
+/// # Safety
+/// `p` is NULL or a NUL-terminated string.
+unsafe fn str_arg<'a>(p: *const c_char, what: &str) -> R<&'a str> {
+    non_null(p, what)?;
+    // SAFETY: non-NULL and NUL-terminated per the caller's contract.
+    let s = unsafe { CStr::from_ptr(p) };
+    s.to_str()
+        .map_err(|_| (IC_ERR_INVALID_ARGUMENT, format!("{what} is not UTF-8")))
+}
+
+/// # Safety
+/// `data` is NULL (then `len` must be 0) or points to `len` readable bytes.
+unsafe fn bytes_arg<'a>(data: *const c_void, len: usize) -> R<&'a [u8]> {
+    if len == 0 {
+        return Ok(&[]);
+    }
+    non_null(data, "data")?;
+    // SAFETY: `data` points to `len` readable bytes per the caller's contract.
+    Ok(unsafe { std::slice::from_raw_parts(data.cast::<u8>(), len) })
+}
+
+fn check_tag(tag: u64) -> R {
+    if tag & engine::frame::RUST_TAG_BIT != 0 {
+        return err(
+            IC_ERR_INVALID_ARGUMENT,
+            "tags with the top bit set are reserved for Rust types",
+        );
+    }
+    Ok(())
+}
+
+fn send_error<T>(e: SendError<T>) -> (ic_error, String) {
+    let code = match &e {
+        SendError::Full(_) => IC_ERR_FULL,
+        SendError::Disconnected(_) => IC_ERR_DISCONNECTED,
+        SendError::TooLarge { .. } => IC_ERR_TOO_LARGE,
+        SendError::UnknownTarget(_) => IC_ERR_STALE_HANDLE,
+        _ => IC_ERR_INVALID_ARGUMENT,
+    };
+    (code, e.to_string())
+}
+
+fn spawn_error(e: SpawnError) -> (ic_error, String) {
+    let code = match &e {
+        SpawnError::InvalidPath(_) => IC_ERR_INVALID_PATH,
+        SpawnError::Duplicate(_) => IC_ERR_DUPLICATE,
+        SpawnError::ShuttingDown => IC_ERR_SHUTTING_DOWN,
+        SpawnError::Thread(_) => IC_ERR_THREAD,
+        SpawnError::NoSupervisor(_) => IC_ERR_NOT_FOUND,
+    };
+    (code, e.to_string())
+}
+
+fn call_error(e: CallError) -> (ic_error, String) {
+    let code = match &e {
+        CallError::Send(s) => return send_error(s.clone()),
+        CallError::Timeout => IC_ERR_TIMEOUT,
+        CallError::Remote(text) => return (IC_ERR_REMOTE, text.clone()),
+        CallError::TargetDown(_) => IC_ERR_TARGET_DOWN,
+        CallError::Closed => IC_ERR_STOPPED,
+        _ => IC_ERR_INVALID_ARGUMENT,
+    };
+    (code, e.to_string())
+}
+
+// ---------------------------------------------------------------------------------------
+// Handles
+
+/// Generations for every handle of every kind: never 0, so no handle is 0.
+static GENERATION: AtomicU32 = AtomicU32::new(1);
+
+fn next_generation() -> u32 {
+    loop {
+        let g = GENERATION.fetch_add(1, Ordering::Relaxed);
+        if g != 0 {
+            return g;
+        }
+    }
+}
+
+/// A table of values named by `(generation << 32) | index`.
+struct Slab<T> {
+    slots: Vec<(u32, Option<T>)>,
+    free: Vec<u32>,
+}
+
+impl<T> Slab<T> {
+    const fn new() -> Self {
+        Self {
+            slots: Vec::new(),
+            free: Vec::new(),
+        }
+    }
+
+    fn insert(&mut self, v: T) -> u64 {
+        let gen = next_generation();
+        let i = match self.free.pop() {
+            Some(i) => {
+                self.slots[i as usize] = (gen, Some(v));
+                i
+            }
+            None => {
+                self.slots.push((gen, Some(v)));
+                (self.slots.len() - 1) as u32
+            }
+        };
+        (u64::from(gen) << 32) | u64::from(i)
+    }
+
+    fn split(h: u64) -> (u32, usize) {
+        ((h >> 32) as u32, (h & 0xffff_ffff) as usize)
+    }
+
+    fn get(&self, h: u64) -> Option<&T> {
+        let (gen, i) = Self::split(h);
+        match self.slots.get(i) {
+            Some((g, Some(v))) if *g == gen => Some(v),
+            _ => None,
+        }
+    }
+
+    fn get_mut(&mut self, h: u64) -> Option<&mut T> {
+        let (gen, i) = Self::split(h);
+        match self.slots.get_mut(i) {
+            Some((g, Some(v))) if *g == gen => Some(v),
+            _ => None,
+        }
+    }
+
+    fn remove(&mut self, h: u64) -> Option<T> {
+        let (gen, i) = Self::split(h);
+        match self.slots.get_mut(i) {
+            Some((g, v @ Some(_))) if *g == gen => {
+                *g = 0;
+                self.free.push(i as u32);
+                v.take()
+            }
+            _ => None,
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+static CLUSTERS: Mutex<Slab<Arc<Cluster>>> = Mutex::new(Slab::new());
+static ISOLATES: Mutex<Slab<IsolateRef>> = Mutex::new(Slab::new());
+/// Inbox handle → owning thread, to tell a stale handle from one of another thread.
+static INBOX_OWNERS: Mutex<Vec<(u64, std::thread::ThreadId)>> = Mutex::new(Vec::new());
+/// Bumped by every isolate handle release: threads drop their cached copies.
+static ISOLATE_EPOCH: AtomicU64 = AtomicU64::new(0);
+
+fn cluster(h: u64) -> R<Arc<Cluster>> {
+    lock(&CLUSTERS)
+        .get(h)
+        .cloned()
+        .ok_or_else(|| (IC_ERR_STALE_HANDLE, format!("no cluster {h:#x}")))
+}
+
+thread_local! {
+    /// Isolate handles this thread used recently (sends look targets up without a lock).
+    static ISOLATE_CACHE: RefCell<(u64, Vec<(u64, IsolateRef)>)> =
+        const { RefCell::new((0, Vec::new())) };
+}
+
+fn isolate(h: u64) -> R<IsolateRef> {
+    let epoch = ISOLATE_EPOCH.load(Ordering::Acquire);
+    let cached = ISOLATE_CACHE.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.0 != epoch {
+            *c = (epoch, Vec::new());
+        }
+        c.1.iter().find(|(k, _)| *k == h).map(|(_, r)| r.clone())
+    });
+    if let Some(r) = cached {
+        return Ok(r);
+    }
+    let r = lock(&ISOLATES)
+        .get(h)
+        .cloned()
+        .ok_or_else(|| (IC_ERR_STALE_HANDLE, format!("no isolate {h:#x}")))?;
+    ISOLATE_CACHE.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.0 == epoch {
+            if c.1.len() >= 16 {
+                c.1.remove(0);
+            }
+            c.1.push((h, r.clone()));
+        }
+    });
+    Ok(r)
+}
+
+fn new_isolate_handle(r: IsolateRef) -> u64 {
+    lock(&ISOLATES).insert(r)
+}
+
+/// A received message or event kept alive for C, with what the view points to.
+struct Held {
+    msg: Option<Message<'static>>,
+    buffer: Option<Box<ForeignBuffer>>,
+    path: Option<CString>,
+    reason: Option<CString>,
+}
+
+/// The inbox an `ic_inbox` handle names.
+enum InboxRef {
+    /// An isolate's context, alive for the whole entry call (the handle is closed before
+    /// the entry returns to the engine).
+    Context(*const Context),
+    /// A mailbox opened by this thread.
+    Mailbox(Box<Mailbox>),
+}
+
+struct InboxState {
+    /// Declared first: dropped before the inbox they borrow.
+    held: Slab<Held>,
+    inbox: InboxRef,
+}
+
+impl InboxState {
+    fn inbox(&self) -> *const Inbox {
+        match &self.inbox {
+            // SAFETY: the context outlives this state (see `InboxRef::Context`).
+            InboxRef::Context(c) => unsafe { std::ptr::from_ref::<Inbox>(&**c) },
+            InboxRef::Mailbox(m) => std::ptr::from_ref::<Inbox>(m),
+        }
+    }
+}
+
+thread_local! {
+    static INBOXES: RefCell<Slab<InboxState>> = const { RefCell::new(Slab::new()) };
+}
+
+fn open_inbox(inbox: InboxRef) -> u64 {
+    let h = INBOXES.with(|s| {
+        s.borrow_mut().insert(InboxState {
+            held: Slab::new(),
+            inbox,
+        })
+    });
+    lock(&INBOX_OWNERS).push((h, std::thread::current().id()));
+    h
+}
+
+fn close_inbox(h: u64) -> R {
+    let state = INBOXES.with(|s| s.borrow_mut().remove(h));
+    match state {
+        Some(st) => {
+            lock(&INBOX_OWNERS).retain(|(k, _)| *k != h);
+            drop(st);
+            Ok(())
+        }
+        None => Err(inbox_miss(h)),
+    }
+}
+
+fn inbox_miss(h: u64) -> (ic_error, String) {
+    let owner = lock(&INBOX_OWNERS)
+        .iter()
+        .find(|(k, _)| *k == h)
+        .map(|(_, t)| *t);
+    match owner {
+        Some(t) if t != std::thread::current().id() => (
+            IC_ERR_WRONG_THREAD,
+            format!("inbox {h:#x} belongs to thread {t:?}"),
+        ),
+        _ => (
+            IC_ERR_STALE_HANDLE,
+            format!("no inbox {h:#x} on this thread"),
+        ),
+    }
+}
+
+/// The inbox behind `h`, as a pointer that stays valid while the handle is open (the
+/// thread-local table is not borrowed while the caller uses it: the engine may run user
+/// code, such as a transfer's free function, that calls back into this library).
+fn inbox_ptr(h: u64) -> R<*const Inbox> {
+    INBOXES
+        .with(|s| s.borrow().get(h).map(InboxState::inbox))
+        .ok_or_else(|| inbox_miss(h))
+}
+
+fn is_context(h: u64) -> bool {
+    INBOXES.with(|s| {
+        s.borrow()
+            .get(h)
+            .is_some_and(|st| matches!(st.inbox, InboxRef::Context(_)))
+    })
+}
+
+/// A buffer moved from C with `ic_transfer`.
+struct ForeignBuffer {
+    data: *mut c_void,
+    len: usize,
+    tag: u64,
+    free: ic_free_fn,
+    ctx: *mut c_void,
+}
+
+// SAFETY: the buffer is owned by exactly one holder at a time (it moves through the ring);
+// `ic_transfer`'s contract makes the caller promise that the buffer and its free function
+// may be used from any thread.
+unsafe impl Send for ForeignBuffer {}
+
+impl Drop for ForeignBuffer {
+    fn drop(&mut self) {
+        if let Some(f) = self.free.take() {
+            // SAFETY: called once (the function is taken), with the pointer and context
+            // given to `ic_transfer`, per its contract.
+            unsafe { f(self.data, self.ctx) };
+        }
+    }
+}
+
+/// Keeps a received event for C and fills `out`.
+fn hold(h: u64, ev: Event<'_>, out: &mut ic_message) -> R {
+    let mut view = ic_message {
+        handle: 0,
+        kind: 0,
+        flags: 0,
+        tag: 0,
+        data: std::ptr::null(),
+        len: 0,
+        sender_id: 0,
+        isolate_id: 0,
+        path: std::ptr::null(),
+        reason: std::ptr::null(),
+    };
+    let mut held = Held {
+        msg: None,
+        buffer: None,
+        path: None,
+        reason: None,
+    };
+    let cstr = |s: &str| CString::new(s.replace('\0', "")).unwrap_or_default();
+    let mut isolate_event = |kind: ic_event_kind, r: &IsolateRef, why: Option<String>| {
+        view.kind = kind as u32;
+        view.isolate_id = r.id();
+        held.path = Some(cstr(r.path()));
+        held.reason = why.map(|w| cstr(&w));
+    };
+    match ev {
+        Event::Message(mut m) => {
+            view.kind = ic_event_kind::IC_EVENT_MESSAGE as u32;
+            view.sender_id = m.sender_id();
+            view.tag = m.tag();
+            if m.is_request() {
+                view.flags |= IC_MSG_REQUEST;
+            }
+            if m.is_error() {
+                view.flags |= IC_MSG_ERROR;
+            }
+            if m.is_transfer() {
+                view.flags |= IC_MSG_TRANSFER;
+                if let Ok(b) = m.take::<ForeignBuffer>() {
+                    view.tag = b.tag;
+                    view.data = b.data.cast_const().cast::<u8>();
+                    view.len = b.len;
+                    held.buffer = Some(b);
+                }
+            } else {
+                let bytes = m.bytes();
+                view.data = bytes.as_ptr();
+                view.len = bytes.len();
+            }
+            // SAFETY: the message borrows the inbox, which outlives the held message: the
+            // held table is dropped before the inbox (field order of `InboxState`), and a
+            // context's handle is closed before its entry returns.
+            held.msg = Some(unsafe { std::mem::transmute::<Message<'_>, Message<'static>>(m) });
+        }
+        Event::IsolateUp(r) => isolate_event(ic_event_kind::IC_EVENT_ISOLATE_UP, &r, None),
+        Event::IsolateDown(r, why) => isolate_event(
+            ic_event_kind::IC_EVENT_ISOLATE_DOWN,
+            &r,
+            Some(why.to_string()),
+        ),
+        Event::ChildFailed(r, why) => isolate_event(
+            ic_event_kind::IC_EVENT_CHILD_FAILED,
+            &r,
+            Some(why.to_string()),
+        ),
+        Event::ChildRestarted(r) => {
+            isolate_event(ic_event_kind::IC_EVENT_CHILD_RESTARTED, &r, None)
+        }
+        Event::SupervisionGaveUp(why) => {
+            view.kind = ic_event_kind::IC_EVENT_SUPERVISION_GAVE_UP as u32;
+            held.reason = Some(cstr(&why));
+        }
+        Event::ShutdownRequested => {
+            view.kind = ic_event_kind::IC_EVENT_SHUTDOWN_REQUESTED as u32;
+        }
+    }
+    view.path = held.path.as_ref().map_or(std::ptr::null(), |p| p.as_ptr());
+    view.reason = held
+        .reason
+        .as_ref()
+        .map_or(std::ptr::null(), |p| p.as_ptr());
+    let stored = INBOXES.with(|s| {
+        s.borrow_mut()
+            .get_mut(h)
+            .map(|st| st.held.insert(held))
+            .ok_or(())
+    });
+    match stored {
+        Ok(handle) => {
+            view.handle = handle;
+            *out = view;
+            Ok(())
+        }
+        Err(()) => Err(inbox_miss(h)),
+    }
+}
+
+/// Runs `f` on the held message `msg` of inbox `h`.
+fn with_held<T>(h: u64, msg: u64, f: impl FnOnce(&mut Held) -> R<T>) -> R<T> {
+    INBOXES.with(|s| {
+        let mut s = s.borrow_mut();
+        let st = s.get_mut(h).ok_or_else(|| inbox_miss(h))?;
+        let held = st
+            .held
+            .get_mut(msg)
+            .ok_or_else(|| (IC_ERR_STALE_HANDLE, format!("no message {msg:#x}")))?;
+        f(held)
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// Library
+
+/// The library version, for example "0.1.0". Static; never NULL. Any thread.
+#[no_mangle]
+pub extern "C" fn ic_version() -> *const c_char {
+    concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast()
+}
+
+/// The name of an error code, for example "IC_ERR_TIMEOUT: nothing arrived in time".
+/// Static; never NULL ("unknown error code" for values outside ic_error). Any thread.
+#[no_mangle]
+pub extern "C" fn ic_error_str(code: i32) -> *const c_char {
+    let s: &'static str = match code {
+        0 => "IC_OK: success\0",
+        1 => "IC_ERR_NULL: a required pointer was NULL\0",
+        2 => "IC_ERR_STALE_HANDLE: the handle is not (or no longer) valid\0",
+        3 => "IC_ERR_WRONG_THREAD: the inbox belongs to another thread\0",
+        4 => "IC_ERR_INVALID_ARGUMENT: an argument is out of range\0",
+        5 => "IC_ERR_INVALID_PATH: not a valid isolate path\0",
+        6 => "IC_ERR_DUPLICATE: an isolate already lives at this path\0",
+        7 => "IC_ERR_NOT_FOUND: no isolate at this path\0",
+        8 => "IC_ERR_SHUTTING_DOWN: the node is shutting down\0",
+        9 => "IC_ERR_FULL: the ring is full\0",
+        10 => "IC_ERR_DISCONNECTED: the target has stopped\0",
+        11 => "IC_ERR_TOO_LARGE: the message can never fit in a ring\0",
+        12 => "IC_ERR_TIMEOUT: nothing arrived in time\0",
+        13 => "IC_ERR_REMOTE: the called isolate answered with an error\0",
+        14 => "IC_ERR_TARGET_DOWN: the called isolate stopped without answering\0",
+        15 => "IC_ERR_STOPPED: the inbox has stopped\0",
+        16 => "IC_ERR_IN_USE: this thread already has a mailbox for this cluster\0",
+        17 => "IC_ERR_NOT_A_REQUEST: not a request, or nothing to take\0",
+        18 => "IC_ERR_THREAD: the operating system refused a thread\0",
+        19 => "IC_ERR_PANIC: a panic inside the library was caught\0",
+        _ => "unknown error code\0",
+    };
+    s.as_ptr().cast()
+}
+
+/// Detail about the last error on the calling thread (empty if none yet). Valid until the
+/// next failing call on this thread; never NULL.
+#[no_mangle]
+pub extern "C" fn ic_last_error() -> *const c_char {
+    LAST_ERROR.with(|e| e.borrow().as_ptr())
+}
+
+// ---------------------------------------------------------------------------------------
+// Clusters
+
+/// Fills `cfg` with the defaults. `cfg` must not be NULL. Any thread.
+#[no_mangle]
+pub unsafe extern "C" fn ic_config_init(cfg: *mut ic_config) -> ic_error {
+    guard(|| {
+        non_null(cfg, "cfg")?;
+        // SAFETY: non-NULL and writable per the contract.
+        unsafe {
+            cfg.write(ic_config {
+                ring_capacity: 64 * 1024,
+                wait_strategy: ic_wait_strategy::IC_WAIT_SPIN_THEN_PARK as u32,
+                spin_ns: 50_000,
+                core_policy: ic_core_policy::IC_CORES_DEDICATED as u32,
+                drop_timeout_ms: 2_000,
+                node_name: std::ptr::null(),
+            })
+        };
+        Ok(())
+    })
+}
+
+/// Creates a cluster. `cfg` may be NULL (defaults); `out` receives the handle. The
+/// caller owns the cluster and frees it with `ic_cluster_free`. Any thread.
+#[no_mangle]
+pub unsafe extern "C" fn ic_cluster_new(cfg: *const ic_config, out: *mut ic_cluster) -> ic_error {
+    guard(|| {
+        non_null(out, "out")?;
+        let mut b = Cluster::builder();
+        if !cfg.is_null() {
+            // SAFETY: non-NULL, points to an ic_config per the contract.
+            let c = unsafe { *cfg };
+            b = b.ring_capacity(c.ring_capacity);
+            b = b.wait_strategy(match c.wait_strategy {
+                0 => WaitStrategy::SpinThenPark {
+                    spin: Duration::from_nanos(c.spin_ns),
+                },
+                1 => WaitStrategy::BusySpin,
+                2 => WaitStrategy::Yield,
+                v => return err(IC_ERR_INVALID_ARGUMENT, format!("wait_strategy {v}")),
+            });
+            b = b.core_policy(match c.core_policy {
+                0 => CorePolicy::Dedicated,
+                1 => CorePolicy::Shared,
+                2 => CorePolicy::Unpinned,
+                v => return err(IC_ERR_INVALID_ARGUMENT, format!("core_policy {v}")),
+            });
+            b = b.drop_timeout(Duration::from_millis(c.drop_timeout_ms));
+            if !c.node_name.is_null() {
+                // SAFETY: a NUL-terminated string per the contract.
+                b = b.node_name(unsafe { str_arg(c.node_name, "node_name") }?);
+            }
+        }
+        let h = lock(&CLUSTERS).insert(Arc::new(b.build()));
+        // SAFETY: non-NULL and writable per the contract.
+        unsafe { out.write(h) };
+        Ok(())
+    })
+}
+
+/// Asks every isolate to shut down (children before parents); returns at once. Any
+/// thread.
+#[no_mangle]
+pub extern "C" fn ic_cluster_shutdown(cluster_handle: ic_cluster) -> ic_error {
+    guard(|| {
+        cluster(cluster_handle)?.shutdown();
+        Ok(())
+    })
+}
+
+/// Waits up to `timeout_ms` for every isolate to stop: IC_OK, or IC_ERR_TIMEOUT (the
+/// isolates still running are named in `ic_last_error`). Any thread but an isolate of
+/// this cluster.
+#[no_mangle]
+pub extern "C" fn ic_cluster_join(cluster_handle: ic_cluster, timeout_ms: u64) -> ic_error {
+    guard(|| {
+        let c = cluster(cluster_handle)?;
+        c.join(Duration::from_millis(timeout_ms))
+            .map_err(|e| (IC_ERR_TIMEOUT, e.to_string()))
+    })
+}
+
+/// Frees the cluster: shuts it down and waits up to its `drop_timeout_ms` for the
+/// isolates. The handle is invalid afterwards (a second free is IC_ERR_STALE_HANDLE).
+/// Isolate handles of the cluster stay valid to release, but name stopped isolates. Any
+/// thread but an isolate of this cluster.
+#[no_mangle]
+pub extern "C" fn ic_cluster_free(cluster_handle: ic_cluster) -> ic_error {
+    guard(|| {
+        let c = lock(&CLUSTERS).remove(cluster_handle).ok_or_else(|| {
+            (
+                IC_ERR_STALE_HANDLE,
+                format!("no cluster {cluster_handle:#x}"),
+            )
+        })?;
+        drop(c);
+        Ok(())
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// Isolates
+
+struct Entry {
+    f: unsafe extern "C" fn(u64, *mut c_void),
+    user: *mut c_void,
+}
+
+// SAFETY: `ic_spawn`'s contract makes the caller promise `user_data` may be used from the
+// isolate's thread; the function pointer is plain code.
+unsafe impl Send for Entry {}
+
+/// Spawns an isolate at `path` (for example "/workers/1") running `entry(inbox,
+/// user_data)` on its own thread. `props` points to `n_props` properties (may be NULL when
+/// `n_props` is 0; strings are copied). `user_data` is passed as is and must be usable
+/// from the isolate's thread. `out` may be NULL; else it receives an isolate handle the
+/// caller releases with `ic_isolate_release`. Any thread.
+#[no_mangle]
+pub unsafe extern "C" fn ic_spawn(
+    cluster_handle: ic_cluster,
+    path: *const c_char,
+    props: *const ic_property,
+    n_props: usize,
+    entry: ic_entry_fn,
+    user_data: *mut c_void,
+    out: *mut ic_isolate,
+) -> ic_error {
+    guard(|| {
+        let c = cluster(cluster_handle)?;
+        // SAFETY: NUL-terminated per the contract.
+        let path = unsafe { str_arg(path, "path") }?;
+        let Some(f) = entry else {
+            return err(IC_ERR_NULL, "entry is NULL");
+        };
+        let mut properties = Properties::new();
+        if n_props > 0 {
+            non_null(props, "props")?;
+            // SAFETY: `props` points to `n_props` properties per the contract.
+            let list = unsafe { std::slice::from_raw_parts(props, n_props) };
+            for p in list {
+                // SAFETY: NUL-terminated strings per the contract.
+                let (k, v) = unsafe { (str_arg(p.key, "key")?, str_arg(p.value, "value")?) };
+                properties = properties.with(k, v);
+            }
+        }
+        let e = Entry { f, user: user_data };
+        let r = c
+            .spawn(path, properties, move |ctx| {
+                let e = e;
+                let h = open_inbox(InboxRef::Context(std::ptr::from_ref(ctx)));
+                // SAFETY: the entry function and its data come from `ic_spawn`'s caller.
+                let ran = catch_unwind(AssertUnwindSafe(|| unsafe { (e.f)(h, e.user) }));
+                // Held messages go before the context does.
+                let _ = close_inbox(h);
+                if let Err(p) = ran {
+                    std::panic::resume_unwind(p);
+                }
+            })
+            .map_err(spawn_error)?;
+        if !out.is_null() {
+            // SAFETY: non-NULL and writable per the contract.
+            unsafe { out.write(new_isolate_handle(r)) };
+        }
+        Ok(())
+    })
+}
+
+/// Looks up a live isolate by path. `out` receives a handle the caller releases with
+/// `ic_isolate_release`. Any thread.
+#[no_mangle]
+pub unsafe extern "C" fn ic_lookup(
+    cluster_handle: ic_cluster,
+    path: *const c_char,
+    out: *mut ic_isolate,
+) -> ic_error {
+    guard(|| {
+        non_null(out, "out")?;
+        let c = cluster(cluster_handle)?;
+        // SAFETY: NUL-terminated per the contract.
+        let path = unsafe { str_arg(path, "path") }?;
+        let r = c.lookup(path).map_err(|e| {
+            let code = match e {
+                engine::LookupError::InvalidPath(_) => IC_ERR_INVALID_PATH,
+                _ => IC_ERR_NOT_FOUND,
+            };
+            (code, e.to_string())
+        })?;
+        // SAFETY: non-NULL and writable per the contract.
+        unsafe { out.write(new_isolate_handle(r)) };
+        Ok(())
+    })
+}
+
+/// The endpoint id of an isolate (what `ic_message.sender_id` and `isolate_id` hold).
+/// `out` must not be NULL. Any thread.
+#[no_mangle]
+pub unsafe extern "C" fn ic_isolate_id(isolate_handle: ic_isolate, out: *mut u32) -> ic_error {
+    guard(|| {
+        non_null(out, "out")?;
+        let r = isolate(isolate_handle)?;
+        // SAFETY: non-NULL and writable per the contract.
+        unsafe { out.write(r.id()) };
+        Ok(())
+    })
+}
+
+/// Whether the isolate still runs: 1 yes, 0 no, in `out`. Any thread.
+#[no_mangle]
+pub unsafe extern "C" fn ic_isolate_alive(isolate_handle: ic_isolate, out: *mut i32) -> ic_error {
+    guard(|| {
+        non_null(out, "out")?;
+        let r = isolate(isolate_handle)?;
+        // SAFETY: non-NULL and writable per the contract.
+        unsafe { out.write(i32::from(r.is_alive())) };
+        Ok(())
+    })
+}
+
+/// Releases an isolate handle (the isolate keeps running). A second release is
+/// IC_ERR_STALE_HANDLE. Any thread.
+#[no_mangle]
+pub extern "C" fn ic_isolate_release(isolate_handle: ic_isolate) -> ic_error {
+    guard(|| {
+        lock(&ISOLATES).remove(isolate_handle).ok_or_else(|| {
+            (
+                IC_ERR_STALE_HANDLE,
+                format!("no isolate {isolate_handle:#x}"),
+            )
+        })?;
+        ISOLATE_EPOCH.fetch_add(1, Ordering::AcqRel);
+        Ok(())
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// Inboxes
+
+/// Opens the calling thread's mailbox for the cluster (a thread that is not an isolate
+/// receives replies and events there). `out` receives an inbox handle usable on this
+/// thread only; close it with `ic_mailbox_close`. IC_ERR_IN_USE if this thread has one
+/// open already.
+#[no_mangle]
+pub unsafe extern "C" fn ic_mailbox_open(
+    cluster_handle: ic_cluster,
+    out: *mut ic_inbox,
+) -> ic_error {
+    guard(|| {
+        non_null(out, "out")?;
+        let c = cluster(cluster_handle)?;
+        let m = c.mailbox().map_err(|e| match e {
+            MailboxError::InUse => (IC_ERR_IN_USE, e.to_string()),
+            _ => (IC_ERR_STALE_HANDLE, e.to_string()),
+        })?;
+        let h = open_inbox(InboxRef::Mailbox(Box::new(m)));
+        // SAFETY: non-NULL and writable per the contract.
+        unsafe { out.write(h) };
+        Ok(())
+    })
+}
+
+/// Closes a mailbox opened with `ic_mailbox_open`, releasing the messages it still
+/// holds. An isolate's own inbox cannot be closed (IC_ERR_INVALID_ARGUMENT). The
+/// opening thread only.
+#[no_mangle]
+pub extern "C" fn ic_mailbox_close(inbox: ic_inbox) -> ic_error {
+    guard(|| {
+        inbox_ptr(inbox)?;
+        if is_context(inbox) {
+            return err(
+                IC_ERR_INVALID_ARGUMENT,
+                "an isolate's inbox closes when it returns",
+            );
+        }
+        close_inbox(inbox)
+    })
+}
+
+/// The endpoint id of an inbox (the `sender_id` its messages carry). The inbox's thread
+/// only.
+#[no_mangle]
+pub unsafe extern "C" fn ic_inbox_id(inbox: ic_inbox, out: *mut u32) -> ic_error {
+    guard(|| {
+        non_null(out, "out")?;
+        let p = inbox_ptr(inbox)?;
+        // SAFETY: the pointer is valid while the handle is open (`inbox_ptr`).
+        let id = unsafe { &*p }.me().id();
+        // SAFETY: non-NULL and writable per the contract.
+        unsafe { out.write(id) };
+        Ok(())
+    })
+}
+
+/// Sends a copy of `len` bytes at `data` (may be NULL when `len` is 0) with an
+/// application `tag` (top bit clear) from `inbox` to the isolate. Waits while the ring is
+/// full. The bytes are copied into the ring before this returns. The inbox's thread
+/// only.
+#[no_mangle]
+pub unsafe extern "C" fn ic_send(
+    inbox: ic_inbox,
+    to: ic_isolate,
+    tag: u64,
+    data: *const c_void,
+    len: usize,
+) -> ic_error {
+    guard(|| {
+        check_tag(tag)?;
+        let p = inbox_ptr(inbox)?;
+        let target = isolate(to)?;
+        // SAFETY: `data` points to `len` readable bytes per the contract.
+        let bytes = unsafe { bytes_arg(data, len) }?;
+        // SAFETY: the pointer is valid while the handle is open (`inbox_ptr`).
+        unsafe { &*p }
+            .send_bytes(&target, tag, bytes)
+            .map_err(send_error)
+    })
+}
+
+/// `ic_send` that fails with IC_ERR_FULL instead of waiting. The inbox's thread only.
+#[no_mangle]
+pub unsafe extern "C" fn ic_try_send(
+    inbox: ic_inbox,
+    to: ic_isolate,
+    tag: u64,
+    data: *const c_void,
+    len: usize,
+) -> ic_error {
+    guard(|| {
+        check_tag(tag)?;
+        let p = inbox_ptr(inbox)?;
+        let target = isolate(to)?;
+        // SAFETY: `data` points to `len` readable bytes per the contract.
+        let bytes = unsafe { bytes_arg(data, len) }?;
+        // SAFETY: the pointer is valid while the handle is open (`inbox_ptr`).
+        unsafe { &*p }
+            .try_send_bytes(&target, tag, bytes)
+            .map_err(send_error)
+    })
+}
+
+/// Moves a caller-owned buffer to the isolate without copying it: only the pointer
+/// travels. On success the library owns `data` and calls `free_fn(data, free_ctx)` once
+/// when nobody wants it any more (the receiver may take it over with `ic_message_take`);
+/// `free_fn` may be NULL if nothing needs freeing, and must be callable from any thread.
+/// On failure the caller still owns `data`. The inbox's thread only.
+#[no_mangle]
+pub unsafe extern "C" fn ic_transfer(
+    inbox: ic_inbox,
+    to: ic_isolate,
+    tag: u64,
+    data: *mut c_void,
+    len: usize,
+    free_fn: ic_free_fn,
+    free_ctx: *mut c_void,
+) -> ic_error {
+    guard(|| {
+        check_tag(tag)?;
+        if len > 0 {
+            non_null(data, "data")?;
+        }
+        let p = inbox_ptr(inbox)?;
+        let target = isolate(to)?;
+        let buf = Box::new(ForeignBuffer {
+            data,
+            len,
+            tag,
+            free: free_fn,
+            ctx: free_ctx,
+        });
+        // SAFETY: the pointer is valid while the handle is open (`inbox_ptr`).
+        unsafe { &*p }.transfer(&target, buf).map_err(|e| {
+            // The buffer came back: the caller keeps ownership, so it must not be freed.
+            let e = e.map(|mut b| {
+                b.free = None;
+            });
+            send_error(e)
+        })
+    })
+}
+
+/// Receives the next message or event. `timeout_us` < 0 waits until one comes, 0 only
+/// looks, > 0 waits at most that many microseconds. On IC_OK `out` describes it until
+/// `ic_message_release`; IC_ERR_TIMEOUT if nothing came; IC_ERR_STOPPED once the inbox
+/// has stopped (for an isolate: return from the entry function). The inbox's thread only.
+#[no_mangle]
+pub unsafe extern "C" fn ic_recv(
+    inbox: ic_inbox,
+    timeout_us: i64,
+    out: *mut ic_message,
+) -> ic_error {
+    guard(|| {
+        non_null(out, "out")?;
+        let p = inbox_ptr(inbox)?;
+        let ctx = INBOXES.with(|s| match s.borrow().get(inbox).map(|st| &st.inbox) {
+            Some(InboxRef::Context(c)) => Some(*c),
+            _ => None,
+        });
+        // SAFETY: the pointers are valid while the handle is open (`inbox_ptr`).
+        let ev = unsafe {
+            match (ctx, timeout_us) {
+                (Some(c), t) if t < 0 => (*c).recv(),
+                (Some(c), 0) => (*c).try_recv(),
+                (Some(c), t) => (*c).recv_timeout(Duration::from_micros(t as u64)),
+                (None, t) if t < 0 => (*p).recv(),
+                (None, 0) => (*p).try_recv(),
+                (None, t) => (*p).recv_timeout(Duration::from_micros(t as u64)),
+            }
+        };
+        match ev {
+            // SAFETY: `out` is non-NULL and writable per the contract.
+            Some(ev) => hold(inbox, ev, unsafe { &mut *out }),
+            // SAFETY: as above.
+            None if unsafe { &*p }.is_finished() => err(IC_ERR_STOPPED, "the inbox has stopped"),
+            None => err(IC_ERR_TIMEOUT, "nothing arrived"),
+        }
+    })
+}
+
+/// Releases a message or event received on `inbox`: its ring space is freed, and a
+/// transferred buffer nobody took is freed. `msg->handle` is set to 0; releasing the same
+/// message twice is IC_ERR_STALE_HANDLE. The inbox's thread only.
+#[no_mangle]
+pub unsafe extern "C" fn ic_message_release(inbox: ic_inbox, msg: *mut ic_message) -> ic_error {
+    guard(|| {
+        non_null(msg, "msg")?;
+        // SAFETY: non-NULL, points to an ic_message per the contract.
+        let m = unsafe { &mut *msg };
+        let held = INBOXES.with(|s| {
+            let mut s = s.borrow_mut();
+            let st = s.get_mut(inbox).ok_or_else(|| inbox_miss(inbox))?;
+            st.held
+                .remove(m.handle)
+                .ok_or_else(|| (IC_ERR_STALE_HANDLE, format!("no message {:#x}", m.handle)))
+        })?;
+        m.handle = 0;
+        // Dropped with no table borrowed: a buffer's free function may call back in.
+        drop(held);
+        Ok(())
+    })
+}
+
+/// Takes over the buffer of a transfer (`IC_MSG_TRANSFER`): `*data` and `*len` receive
+/// it, and `*free_fn` / `*free_ctx` (each may be NULL if not wanted) how to free it; the
+/// caller now owns it and the message no longer frees it. IC_ERR_NOT_A_REQUEST if there is
+/// no buffer to take. The message still needs `ic_message_release`. The inbox's thread
+/// only.
+#[no_mangle]
+pub unsafe extern "C" fn ic_message_take(
+    inbox: ic_inbox,
+    msg: *const ic_message,
+    data: *mut *mut c_void,
+    len: *mut usize,
+    free_fn: *mut ic_free_fn,
+    free_ctx: *mut *mut c_void,
+) -> ic_error {
+    guard(|| {
+        non_null(msg, "msg")?;
+        non_null(data, "data")?;
+        non_null(len, "len")?;
+        // SAFETY: non-NULL, points to an ic_message per the contract.
+        let handle = unsafe { (*msg).handle };
+        let mut b = with_held(inbox, handle, |h| {
+            h.buffer
+                .take()
+                .ok_or_else(|| (IC_ERR_NOT_A_REQUEST, "no buffer to take".to_owned()))
+        })?;
+        let f = b.free.take();
+        // SAFETY: the out-pointers are non-NULL (checked) or NULL-tolerated, and writable.
+        unsafe {
+            data.write(b.data);
+            len.write(b.len);
+            if !free_fn.is_null() {
+                free_fn.write(f);
+            }
+            if !free_ctx.is_null() {
+                free_ctx.write(b.ctx);
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Answers a request (or any message: the answer goes to its reply-to endpoint) with a
+/// copy of `len` bytes and an application `tag`. The inbox's thread only.
+#[no_mangle]
+pub unsafe extern "C" fn ic_reply(
+    inbox: ic_inbox,
+    msg: *const ic_message,
+    tag: u64,
+    data: *const c_void,
+    len: usize,
+) -> ic_error {
+    guard(|| {
+        non_null(msg, "msg")?;
+        check_tag(tag)?;
+        // SAFETY: `data` points to `len` readable bytes per the contract.
+        let bytes = unsafe { bytes_arg(data, len) }?;
+        // SAFETY: non-NULL, points to an ic_message per the contract.
+        let handle = unsafe { (*msg).handle };
+        let m = held_message(inbox, handle)?;
+        // SAFETY: the message stays held (and so alive) while the inbox's thread is here.
+        unsafe { &*m }.reply_bytes(tag, bytes).map_err(send_error)
+    })
+}
+
+/// Fails a request: the caller's `ic_call` returns IC_ERR_REMOTE with `error` (a
+/// NUL-terminated string) in its `ic_last_error`. IC_ERR_NOT_A_REQUEST if the message is
+/// not a request. The inbox's thread only.
+#[no_mangle]
+pub unsafe extern "C" fn ic_reply_error(
+    inbox: ic_inbox,
+    msg: *const ic_message,
+    error: *const c_char,
+) -> ic_error {
+    guard(|| {
+        non_null(msg, "msg")?;
+        // SAFETY: NUL-terminated per the contract.
+        let text = unsafe { str_arg(error, "error") }?;
+        // SAFETY: non-NULL, points to an ic_message per the contract.
+        let handle = unsafe { (*msg).handle };
+        let m = held_message(inbox, handle)?;
+        // SAFETY: the message stays held (and so alive) while the inbox's thread is here.
+        let m = unsafe { &*m };
+        if !m.is_request() {
+            return err(IC_ERR_NOT_A_REQUEST, "the message is not a request");
+        }
+        m.reply_error(text).map_err(send_error)
+    })
+}
+
+/// The held message behind `handle`, as a pointer (no table borrow is kept while it is
+/// used: replying may run user code).
+fn held_message(inbox: ic_inbox, handle: u64) -> R<*const Message<'static>> {
+    with_held(inbox, handle, |h| {
+        h.msg
+            .as_ref()
+            .map(std::ptr::from_ref)
+            .ok_or_else(|| (IC_ERR_NOT_A_REQUEST, "an event, not a message".to_owned()))
+    })
+}
+
+/// Sends a request of `len` bytes with `tag` and waits up to `timeout_ms` for its answer,
+/// which `reply` receives (release it with `ic_message_release`). Errors:
+/// IC_ERR_TIMEOUT (a late answer is dropped), IC_ERR_REMOTE (the handler's error text is
+/// in `ic_last_error`), IC_ERR_TARGET_DOWN, IC_ERR_DISCONNECTED. The inbox's thread only.
+#[no_mangle]
+pub unsafe extern "C" fn ic_call(
+    inbox: ic_inbox,
+    to: ic_isolate,
+    tag: u64,
+    data: *const c_void,
+    len: usize,
+    timeout_ms: u64,
+    reply: *mut ic_message,
+) -> ic_error {
+    guard(|| {
+        non_null(reply, "reply")?;
+        check_tag(tag)?;
+        let p = inbox_ptr(inbox)?;
+        let target = isolate(to)?;
+        // SAFETY: `data` points to `len` readable bytes per the contract.
+        let bytes = unsafe { bytes_arg(data, len) }?;
+        // SAFETY: the pointer is valid while the handle is open (`inbox_ptr`).
+        let inb = unsafe { &*p };
+        let id = match inb.request_bytes(&target, tag, bytes) {
+            Ok(id) => id,
+            Err(SendError::Disconnected(())) => {
+                let why = target
+                    .wait_down(Duration::ZERO)
+                    .map_or_else(|| "the target has stopped".to_owned(), |r| r.to_string());
+                return err(IC_ERR_TARGET_DOWN, why);
+            }
+            Err(e) => return Err(send_error(e)),
+        };
+        let m = inb
+            .wait_reply(id, Duration::from_millis(timeout_ms))
+            .map_err(call_error)?;
+        // SAFETY: `reply` is non-NULL and writable per the contract.
+        hold(inbox, Event::Message(m), unsafe { &mut *reply })
+    })
+}
+
+/// Subscribes `inbox` to every isolate of the cluster: an IC_EVENT_ISOLATE_UP for each
+/// live one now and each later one, then one IC_EVENT_ISOLATE_DOWN when it stops (and the
+/// node's supervision events). The inbox's thread only.
+#[no_mangle]
+pub extern "C" fn ic_watch_isolates(inbox: ic_inbox) -> ic_error {
+    guard(|| {
+        let p = inbox_ptr(inbox)?;
+        // SAFETY: the pointer is valid while the handle is open (`inbox_ptr`).
+        unsafe { &*p }.watch_isolates(|_| true);
+        Ok(())
+    })
+}
+
+/// Stops an isolate's receive loop: what was sent before is still delivered, then
+/// `ic_recv` returns IC_ERR_STOPPED. For an isolate's own inbox only
+/// (IC_ERR_INVALID_ARGUMENT for a mailbox). The inbox's thread only.
+#[no_mangle]
+pub extern "C" fn ic_shutdown_isolate(inbox: ic_inbox) -> ic_error {
+    guard(|| {
+        inbox_ptr(inbox)?;
+        let ctx = INBOXES.with(|s| match s.borrow().get(inbox).map(|st| &st.inbox) {
+            Some(InboxRef::Context(c)) => Some(*c),
+            _ => None,
+        });
+        match ctx {
+            // SAFETY: valid while the handle is open (see `InboxRef::Context`).
+            Some(c) => unsafe { &*c }.shutdown_isolate(),
+            None => return err(IC_ERR_INVALID_ARGUMENT, "a mailbox is not an isolate"),
+        }
+        Ok(())
+    })
+}
