@@ -66,6 +66,11 @@ fn main() {
     );
     run(
         "core",
+        "C API call (request/reply, through the FFI)",
+        Box::new(move |cfg: Config| cases::c_call(cfg, cores)),
+    );
+    run(
+        "core",
         "iceoryx2 publish-subscribe",
         Box::new(move |cfg: Config| cases::iceoryx2(cfg, cores)),
     );

@@ -608,6 +608,13 @@ pub fn targets(all: &[Case]) -> String {
             1.3,
         ),
         (
+            "C API call round trip p50 / Rust API call p50",
+            "C API call (request/reply, through the FFI)",
+            "isolate-cluster call (request/reply)",
+            0.5,
+            1.2,
+        ),
+        (
             "1 MiB transfer p50 / 8 B copy p50",
             "isolate-cluster transfer 1 MiB",
             "isolate-cluster copy 8 B",
@@ -846,4 +853,68 @@ pub fn jobs(cfg: Config) -> String {
         pooled.value_at_quantile(0.5) as f64 / spawn.value_at_quantile(0.5).max(1) as f64
     );
     md
+}
+
+/// The request/reply ping-pong of [`call`] written in C against the C API
+/// (`benches/c/call_bench.c`), on the same cores. The library is built by a nested
+/// `cargo build --release -p isolate-cluster-ffi` into `target/ffi-bench` (the running
+/// `cargo bench` holds the main target directory), once per process; the harness is
+/// compiled with the system C compiler. Its samples come back on stdout.
+pub fn c_call(cfg: Config, cores: Cores) -> Histogram<u64> {
+    let exe = c_harness();
+    let out = std::process::Command::new(exe)
+        .arg(cores[0].id.to_string())
+        .arg(cores[1].id.to_string())
+        .arg(cfg.warmup.to_string())
+        .arg(cfg.samples.to_string())
+        .output()
+        .expect("run the C harness");
+    assert!(
+        out.status.success(),
+        "the C harness failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut h = histogram();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let ns: u64 = line.trim().parse().expect("a sample in ns");
+        record(&mut h, Duration::from_nanos(ns));
+    }
+    assert_eq!(h.len(), cfg.samples as u64, "one sample per round trip");
+    h
+}
+
+fn c_harness() -> &'static std::path::Path {
+    static EXE: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    EXE.get_or_init(|| {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let target = root.join("target").join("ffi-bench");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| env!("CARGO").to_owned());
+        let status = std::process::Command::new(cargo)
+            .args([
+                "build",
+                "--release",
+                "-p",
+                "isolate-cluster-ffi",
+                "--target-dir",
+            ])
+            .arg(&target)
+            .current_dir(&root)
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "building the C library failed");
+        let lib = target.join("release");
+        let exe = lib.join("call_bench");
+        let status = std::process::Command::new("cc")
+            .args(["-O2", "-std=c11", "-pthread", "-I"])
+            .arg(root.join("ffi").join("include"))
+            .arg(root.join("benches").join("c").join("call_bench.c"))
+            .arg("-o")
+            .arg(&exe)
+            .arg(lib.join("libisolate_cluster.a"))
+            .args(["-ldl", "-lm"])
+            .status()
+            .expect("run cc");
+        assert!(status.success(), "compiling the C harness failed");
+        exe
+    })
 }

@@ -223,6 +223,15 @@ typedef struct {
    * The node's name (copied); may be NULL for "node".
    */
   const char *node_name;
+  /**
+   * The cores isolates are placed on (copied), `n_cores` of them; may be NULL (with
+   * `n_cores` 0) for every core the process may use.
+   */
+  const size_t *cores;
+  /**
+   * How many entries `cores` has.
+   */
+  size_t n_cores;
 } ic_config;
 
 /**

@@ -23,6 +23,7 @@
 use std::cell::RefCell;
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::rc::Rc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -151,6 +152,11 @@ pub struct ic_config {
     pub drop_timeout_ms: u64,
     /// The node's name (copied); may be NULL for "node".
     pub node_name: *const c_char,
+    /// The cores isolates are placed on (copied), `n_cores` of them; may be NULL (with
+    /// `n_cores` 0) for every core the process may use.
+    pub cores: *const usize,
+    /// How many entries `cores` has.
+    pub n_cores: usize,
 }
 
 /// One property of an isolate: a key and a string value (both copied at spawn).
@@ -337,18 +343,38 @@ fn next_generation() -> u32 {
 struct Slab<T> {
     slots: Vec<(u32, Option<T>)>,
     free: Vec<u32>,
+    /// Generations from this table's own counter (for tables only one thread uses, whose
+    /// handles never meet another table's), or 0: from the global counter.
+    local: u32,
 }
 
 impl<T> Slab<T> {
+    /// A table whose handles are unique among all tables (global generations).
     const fn new() -> Self {
         Self {
             slots: Vec::new(),
             free: Vec::new(),
+            local: 0,
+        }
+    }
+
+    /// A table whose handles are unique within it (no shared counter on its hot path).
+    const fn new_local() -> Self {
+        Self {
+            slots: Vec::new(),
+            free: Vec::new(),
+            local: 1,
         }
     }
 
     fn insert(&mut self, v: T) -> u64 {
-        let gen = next_generation();
+        let gen = if self.local == 0 {
+            next_generation()
+        } else {
+            let g = self.local;
+            self.local = self.local.wrapping_add(1).max(1);
+            g
+        };
         let i = match self.free.pop() {
             Some(i) => {
                 self.slots[i as usize] = (gen, Some(v));
@@ -415,11 +441,14 @@ fn cluster(h: u64) -> R<Arc<Cluster>> {
 
 thread_local! {
     /// Isolate handles this thread used recently (sends look targets up without a lock).
-    static ISOLATE_CACHE: RefCell<(u64, Vec<(u64, IsolateRef)>)> =
-        const { RefCell::new((0, Vec::new())) };
+    /// (`Rc`: handing one out costs no atomic operation.)
+    static ISOLATE_CACHE: RefCell<IsolateCache> = const { RefCell::new((0, Vec::new())) };
 }
 
-fn isolate(h: u64) -> R<IsolateRef> {
+/// The epoch the cached entries belong to, and (handle, reference) pairs.
+type IsolateCache = (u64, Vec<(u64, Rc<IsolateRef>)>);
+
+fn isolate(h: u64) -> R<Rc<IsolateRef>> {
     let epoch = ISOLATE_EPOCH.load(Ordering::Acquire);
     let cached = ISOLATE_CACHE.with(|c| {
         let mut c = c.borrow_mut();
@@ -434,6 +463,7 @@ fn isolate(h: u64) -> R<IsolateRef> {
     let r = lock(&ISOLATES)
         .get(h)
         .cloned()
+        .map(Rc::new)
         .ok_or_else(|| (IC_ERR_STALE_HANDLE, format!("no isolate {h:#x}")))?;
     ISOLATE_CACHE.with(|c| {
         let mut c = c.borrow_mut();
@@ -491,7 +521,7 @@ thread_local! {
 fn open_inbox(inbox: InboxRef) -> u64 {
     let h = INBOXES.with(|s| {
         s.borrow_mut().insert(InboxState {
-            held: Slab::new(),
+            held: Slab::new_local(),
             inbox,
         })
     });
@@ -534,6 +564,21 @@ fn inbox_miss(h: u64) -> (ic_error, String) {
 fn inbox_ptr(h: u64) -> R<*const Inbox> {
     INBOXES
         .with(|s| s.borrow().get(h).map(InboxState::inbox))
+        .ok_or_else(|| inbox_miss(h))
+}
+
+/// `inbox_ptr`, plus the context when the inbox is an isolate's (one table lookup).
+fn inbox_entry(h: u64) -> R<(*const Inbox, Option<*const Context>)> {
+    INBOXES
+        .with(|s| {
+            s.borrow().get(h).map(|st| {
+                let ctx = match &st.inbox {
+                    InboxRef::Context(c) => Some(*c),
+                    InboxRef::Mailbox(_) => None,
+                };
+                (st.inbox(), ctx)
+            })
+        })
         .ok_or_else(|| inbox_miss(h))
 }
 
@@ -744,6 +789,8 @@ pub unsafe extern "C" fn ic_config_init(cfg: *mut ic_config) -> ic_error {
                 core_policy: ic_core_policy::IC_CORES_DEDICATED as u32,
                 drop_timeout_ms: 2_000,
                 node_name: std::ptr::null(),
+                cores: std::ptr::null(),
+                n_cores: 0,
             })
         };
         Ok(())
@@ -776,6 +823,12 @@ pub unsafe extern "C" fn ic_cluster_new(cfg: *const ic_config, out: *mut ic_clus
                 v => return err(IC_ERR_INVALID_ARGUMENT, format!("core_policy {v}")),
             });
             b = b.drop_timeout(Duration::from_millis(c.drop_timeout_ms));
+            if c.n_cores > 0 {
+                non_null(c.cores, "cores")?;
+                // SAFETY: `cores` points to `n_cores` entries per the contract.
+                let list = unsafe { std::slice::from_raw_parts(c.cores, c.n_cores) };
+                b = b.cores(list.to_vec());
+            }
             if !c.node_name.is_null() {
                 // SAFETY: a NUL-terminated string per the contract.
                 b = b.node_name(unsafe { str_arg(c.node_name, "node_name") }?);
@@ -1119,12 +1172,8 @@ pub unsafe extern "C" fn ic_recv(
 ) -> ic_error {
     guard(|| {
         non_null(out, "out")?;
-        let p = inbox_ptr(inbox)?;
-        let ctx = INBOXES.with(|s| match s.borrow().get(inbox).map(|st| &st.inbox) {
-            Some(InboxRef::Context(c)) => Some(*c),
-            _ => None,
-        });
-        // SAFETY: the pointers are valid while the handle is open (`inbox_ptr`).
+        let (p, ctx) = inbox_entry(inbox)?;
+        // SAFETY: the pointers are valid while the handle is open (`inbox_entry`).
         let ev = unsafe {
             match (ctx, timeout_us) {
                 (Some(c), t) if t < 0 => (*c).recv(),
@@ -1328,11 +1377,7 @@ pub extern "C" fn ic_watch_isolates(inbox: ic_inbox) -> ic_error {
 #[no_mangle]
 pub extern "C" fn ic_shutdown_isolate(inbox: ic_inbox) -> ic_error {
     guard(|| {
-        inbox_ptr(inbox)?;
-        let ctx = INBOXES.with(|s| match s.borrow().get(inbox).map(|st| &st.inbox) {
-            Some(InboxRef::Context(c)) => Some(*c),
-            _ => None,
-        });
+        let (_, ctx) = inbox_entry(inbox)?;
         match ctx {
             // SAFETY: valid while the handle is open (see `InboxRef::Context`).
             Some(c) => unsafe { &*c }.shutdown_isolate(),
