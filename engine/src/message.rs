@@ -207,6 +207,11 @@ impl<'a> Message<'a> {
         self.header.sender
     }
 
+    /// The id of the endpoint replies go to (0: none); usually the sender's.
+    pub fn reply_to_id(&self) -> u32 {
+        self.header.reply_to
+    }
+
     /// The sender, if it is still known to the cluster.
     pub fn sender(&self) -> Option<IsolateRef> {
         self.ep.cluster.ref_by_id(self.header.sender)

@@ -310,6 +310,10 @@ typedef struct {
    */
   uint32_t sender_id;
   /**
+   * Endpoint id replies go to (`ic_reply` uses it; 0 for events).
+   */
+  uint32_t reply_to_id;
+  /**
    * For isolate events: the isolate's endpoint id.
    */
   uint32_t isolate_id;

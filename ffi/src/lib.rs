@@ -188,6 +188,8 @@ pub struct ic_message {
     pub len: usize,
     /// Endpoint id of the sender (0 for events).
     pub sender_id: u32,
+    /// Endpoint id replies go to (`ic_reply` uses it; 0 for events).
+    pub reply_to_id: u32,
     /// For isolate events: the isolate's endpoint id.
     pub isolate_id: u32,
     /// For isolate events: its path, NUL-terminated; NULL otherwise.
@@ -624,6 +626,7 @@ fn hold(h: u64, ev: Event<'_>, out: &mut ic_message) -> R {
         data: std::ptr::null(),
         len: 0,
         sender_id: 0,
+        reply_to_id: 0,
         isolate_id: 0,
         path: std::ptr::null(),
         reason: std::ptr::null(),
@@ -645,6 +648,7 @@ fn hold(h: u64, ev: Event<'_>, out: &mut ic_message) -> R {
         Event::Message(mut m) => {
             view.kind = ic_event_kind::IC_EVENT_MESSAGE as u32;
             view.sender_id = m.sender_id();
+            view.reply_to_id = m.reply_to_id();
             view.tag = m.tag();
             if m.is_request() {
                 view.flags |= IC_MSG_REQUEST;

@@ -213,6 +213,7 @@ int main(void) {
     EXPECT(ic_recv(mb, 5 * 1000 * 1000, &m), IC_OK);
     CHECK(m.kind == IC_EVENT_MESSAGE && m.tag == TAG_TEXT && m.len == sizeof text);
     CHECK(memcmp(m.data, text, sizeof text) == 0 && m.sender_id == id1);
+    CHECK(m.reply_to_id == id1);
     CHECK((m.flags & IC_MSG_REQUEST) == 0);
     EXPECT(ic_message_release(mb, &m), IC_OK);
     CHECK(m.handle == 0);
