@@ -20,11 +20,11 @@
 // doc comment each one carries into the header.
 #![allow(clippy::missing_safety_doc)]
 
-use std::cell::RefCell;
+use std::cell::{RefCell, UnsafeCell};
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -429,8 +429,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 static CLUSTERS: Mutex<Slab<Arc<Cluster>>> = Mutex::new(Slab::new());
 static ISOLATES: Mutex<Slab<IsolateRef>> = Mutex::new(Slab::new());
-/// Inbox handle → owning thread, to tell a stale handle from one of another thread.
-static INBOX_OWNERS: Mutex<Vec<(u64, std::thread::ThreadId)>> = Mutex::new(Vec::new());
 /// Bumped by every isolate handle release: threads drop their cached copies.
 static ISOLATE_EPOCH: AtomicU64 = AtomicU64::new(0);
 
@@ -486,6 +484,12 @@ fn new_isolate_handle(r: IsolateRef) -> u64 {
 /// A received message or event kept alive for C, with what the view points to.
 struct Held {
     msg: Option<Message<'static>>,
+    /// Rarely used (transfers and events): boxed to keep the common case small to move.
+    extra: Option<Box<HeldExtra>>,
+}
+
+#[derive(Default)]
+struct HeldExtra {
     buffer: Option<Box<ForeignBuffer>>,
     path: Option<CString>,
     reason: Option<CString>,
@@ -506,90 +510,186 @@ struct InboxState {
     inbox: InboxRef,
 }
 
-impl InboxState {
+/// One entry of the inbox table. `gen` and `owner` may be read by any thread; `state` is
+/// touched only by the owner thread, and only while it holds `busy` (see [`Entered`]).
+struct InboxSlot {
+    /// The generation of the open inbox, 0 when free.
+    gen: AtomicU32,
+    /// Token of the owning thread (see [`thread_token`]).
+    owner: AtomicU64,
+    /// An FFI call on this inbox is running (re-entrant calls are refused).
+    busy: AtomicBool,
+    state: UnsafeCell<Option<InboxState>>,
+}
+
+// SAFETY: `state` is only accessed by the thread whose token is in `owner`, and only
+// inside an `Entered` guard (which that thread alone can obtain); the other fields are
+// atomics.
+unsafe impl Sync for InboxSlot {}
+
+const INBOX_CHUNK: usize = 256;
+const INBOX_CHUNKS: usize = 1024;
+
+/// Inbox slots in chunks allocated on demand and never freed (so a slot's address is
+/// stable): at most `INBOX_CHUNK * INBOX_CHUNKS` inboxes open at once.
+static INBOX_TABLE: [AtomicPtr<InboxSlot>; INBOX_CHUNKS] =
+    [const { AtomicPtr::new(std::ptr::null_mut()) }; INBOX_CHUNKS];
+
+/// Free slot indices, and the next never-used one.
+static INBOX_ALLOC: Mutex<(Vec<u32>, u32)> = Mutex::new((Vec::new(), 0));
+
+fn thread_token() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    thread_local! {
+        static TOKEN: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    }
+    TOKEN.with(|t| {
+        let v = t.get();
+        if v != 0 {
+            return v;
+        }
+        let v = NEXT.fetch_add(1, Ordering::Relaxed);
+        t.set(v);
+        v
+    })
+}
+
+fn slot_at(index: u32) -> Option<&'static InboxSlot> {
+    let i = index as usize;
+    let chunk = INBOX_TABLE.get(i / INBOX_CHUNK)?.load(Ordering::Acquire);
+    if chunk.is_null() {
+        return None;
+    }
+    // SAFETY: a non-null chunk pointer comes from a leaked `Box<[InboxSlot]>` of
+    // `INBOX_CHUNK` slots (never freed), and `i % INBOX_CHUNK` is in bounds.
+    Some(unsafe { &*chunk.add(i % INBOX_CHUNK) })
+}
+
+fn open_inbox(inbox: InboxRef) -> R<u64> {
+    let index = {
+        let mut a = lock(&INBOX_ALLOC);
+        match a.0.pop() {
+            Some(i) => i,
+            None => {
+                let i = a.1;
+                let c = i as usize / INBOX_CHUNK;
+                if c >= INBOX_CHUNKS {
+                    return err(IC_ERR_INVALID_ARGUMENT, "too many inboxes open at once");
+                }
+                if INBOX_TABLE[c].load(Ordering::Acquire).is_null() {
+                    let chunk: Box<[InboxSlot]> = (0..INBOX_CHUNK)
+                        .map(|_| InboxSlot {
+                            gen: AtomicU32::new(0),
+                            owner: AtomicU64::new(0),
+                            busy: AtomicBool::new(false),
+                            state: UnsafeCell::new(None),
+                        })
+                        .collect();
+                    let ptr = Box::into_raw(chunk).cast::<InboxSlot>();
+                    INBOX_TABLE[c].store(ptr, Ordering::Release);
+                }
+                a.1 += 1;
+                i
+            }
+        }
+    };
+    let Some(slot) = slot_at(index) else {
+        return err(IC_ERR_INVALID_ARGUMENT, "inbox table");
+    };
+    // SAFETY: the slot is free (taken from the allocator): no thread reads its state, and
+    // other threads only look at `gen`, which is 0 until the store below publishes it.
+    unsafe {
+        *slot.state.get() = Some(InboxState {
+            held: Slab::new_local(),
+            inbox,
+        });
+    }
+    slot.owner.store(thread_token(), Ordering::Relaxed);
+    let gen = next_generation();
+    slot.gen.store(gen, Ordering::Release);
+    Ok((u64::from(gen) << 32) | u64::from(index))
+}
+
+/// An inbox entered by its owner thread for one call. While it lives, no other call can
+/// enter the same inbox (a free function calling back in gets `IC_ERR_IN_USE`), so the
+/// inbox and its held messages cannot disappear under the call.
+struct Entered {
+    slot: &'static InboxSlot,
+}
+
+impl Drop for Entered {
+    fn drop(&mut self) {
+        self.slot.busy.store(false, Ordering::Relaxed);
+    }
+}
+
+impl Entered {
+    /// Exclusive access to the state. The caller must not call into the engine (which can
+    /// run user code that calls back in) while the reference lives.
+    #[allow(clippy::mut_from_ref)]
+    fn state(&self) -> &mut InboxState {
+        // SAFETY: only the owner thread holds an `Entered` for this slot, one at a time
+        // (`busy`), and callers keep the reference short (see above); the state is `Some`
+        // while the slot's generation matches, which `enter` checked.
+        match unsafe { (*self.slot.state.get()).as_mut() } {
+            Some(st) => st,
+            None => unreachable!("an entered inbox is open"),
+        }
+    }
+
     fn inbox(&self) -> *const Inbox {
-        match &self.inbox {
-            // SAFETY: the context outlives this state (see `InboxRef::Context`).
+        match &self.state().inbox {
+            // SAFETY: the context outlives the open handle (see `InboxRef::Context`).
             InboxRef::Context(c) => unsafe { std::ptr::from_ref::<Inbox>(&**c) },
             InboxRef::Mailbox(m) => std::ptr::from_ref::<Inbox>(m),
         }
     }
-}
 
-thread_local! {
-    static INBOXES: RefCell<Slab<InboxState>> = const { RefCell::new(Slab::new()) };
-}
-
-fn open_inbox(inbox: InboxRef) -> u64 {
-    let h = INBOXES.with(|s| {
-        s.borrow_mut().insert(InboxState {
-            held: Slab::new_local(),
-            inbox,
-        })
-    });
-    lock(&INBOX_OWNERS).push((h, std::thread::current().id()));
-    h
-}
-
-fn close_inbox(h: u64) -> R {
-    let state = INBOXES.with(|s| s.borrow_mut().remove(h));
-    match state {
-        Some(st) => {
-            lock(&INBOX_OWNERS).retain(|(k, _)| *k != h);
-            drop(st);
-            Ok(())
+    fn context(&self) -> Option<*const Context> {
+        match &self.state().inbox {
+            InboxRef::Context(c) => Some(*c),
+            InboxRef::Mailbox(_) => None,
         }
-        None => Err(inbox_miss(h)),
     }
 }
 
-fn inbox_miss(h: u64) -> (ic_error, String) {
-    let owner = lock(&INBOX_OWNERS)
-        .iter()
-        .find(|(k, _)| *k == h)
-        .map(|(_, t)| *t);
-    match owner {
-        Some(t) if t != std::thread::current().id() => (
+/// Enters inbox `h` on the calling thread.
+fn enter(h: u64) -> R<Entered> {
+    let gen = (h >> 32) as u32;
+    let slot = match slot_at((h & 0xffff_ffff) as u32) {
+        Some(s) if gen != 0 && s.gen.load(Ordering::Acquire) == gen => s,
+        _ => return err(IC_ERR_STALE_HANDLE, format!("no inbox {h:#x}")),
+    };
+    if slot.owner.load(Ordering::Relaxed) != thread_token() {
+        return err(
             IC_ERR_WRONG_THREAD,
-            format!("inbox {h:#x} belongs to thread {t:?}"),
-        ),
-        _ => (
-            IC_ERR_STALE_HANDLE,
-            format!("no inbox {h:#x} on this thread"),
-        ),
+            format!("inbox {h:#x} belongs to another thread"),
+        );
     }
+    // Only the owner thread (checked above) touches `busy`: no locked instruction needed.
+    if slot.busy.load(Ordering::Relaxed) {
+        return err(
+            IC_ERR_IN_USE,
+            "the inbox is in a call already (a free function called back in)",
+        );
+    }
+    slot.busy.store(true, Ordering::Relaxed);
+    Ok(Entered { slot })
 }
 
-/// The inbox behind `h`, as a pointer that stays valid while the handle is open (the
-/// thread-local table is not borrowed while the caller uses it: the engine may run user
-/// code, such as a transfer's free function, that calls back into this library).
-fn inbox_ptr(h: u64) -> R<*const Inbox> {
-    INBOXES
-        .with(|s| s.borrow().get(h).map(InboxState::inbox))
-        .ok_or_else(|| inbox_miss(h))
-}
-
-/// `inbox_ptr`, plus the context when the inbox is an isolate's (one table lookup).
-fn inbox_entry(h: u64) -> R<(*const Inbox, Option<*const Context>)> {
-    INBOXES
-        .with(|s| {
-            s.borrow().get(h).map(|st| {
-                let ctx = match &st.inbox {
-                    InboxRef::Context(c) => Some(*c),
-                    InboxRef::Mailbox(_) => None,
-                };
-                (st.inbox(), ctx)
-            })
-        })
-        .ok_or_else(|| inbox_miss(h))
-}
-
-fn is_context(h: u64) -> bool {
-    INBOXES.with(|s| {
-        s.borrow()
-            .get(h)
-            .is_some_and(|st| matches!(st.inbox, InboxRef::Context(_)))
-    })
+/// Closes inbox `h` (its held messages are released, then a mailbox is dropped).
+fn close_inbox(h: u64) -> R {
+    let e = enter(h)?;
+    // SAFETY: entered; the reference ends with this statement.
+    let state = unsafe { (*e.slot.state.get()).take() };
+    let slot = e.slot;
+    slot.gen.store(0, Ordering::Release);
+    slot.owner.store(0, Ordering::Relaxed);
+    drop(e);
+    lock(&INBOX_ALLOC).0.push((h & 0xffff_ffff) as u32);
+    // Dropped last, with the slot already free: user free functions may call back in.
+    drop(state);
+    Ok(())
 }
 
 /// A buffer moved from C with `ic_transfer`.
@@ -617,7 +717,7 @@ impl Drop for ForeignBuffer {
 }
 
 /// Keeps a received event for C and fills `out`.
-fn hold(h: u64, ev: Event<'_>, out: &mut ic_message) -> R {
+fn hold(e: &Entered, ev: Event<'_>, out: &mut ic_message) -> R {
     let mut view = ic_message {
         handle: 0,
         kind: 0,
@@ -633,16 +733,17 @@ fn hold(h: u64, ev: Event<'_>, out: &mut ic_message) -> R {
     };
     let mut held = Held {
         msg: None,
-        buffer: None,
-        path: None,
-        reason: None,
+        extra: None,
     };
     let cstr = |s: &str| CString::new(s.replace('\0', "")).unwrap_or_default();
     let mut isolate_event = |kind: ic_event_kind, r: &IsolateRef, why: Option<String>| {
         view.kind = kind as u32;
         view.isolate_id = r.id();
-        held.path = Some(cstr(r.path()));
-        held.reason = why.map(|w| cstr(&w));
+        held.extra = Some(Box::new(HeldExtra {
+            buffer: None,
+            path: Some(cstr(r.path())),
+            reason: why.map(|w| cstr(&w)),
+        }));
     };
     match ev {
         Event::Message(mut m) => {
@@ -662,7 +763,10 @@ fn hold(h: u64, ev: Event<'_>, out: &mut ic_message) -> R {
                     view.tag = b.tag;
                     view.data = b.data.cast_const().cast::<u8>();
                     view.len = b.len;
-                    held.buffer = Some(b);
+                    held.extra = Some(Box::new(HeldExtra {
+                        buffer: Some(b),
+                        ..HeldExtra::default()
+                    }));
                 }
             } else {
                 let bytes = m.bytes();
@@ -690,44 +794,33 @@ fn hold(h: u64, ev: Event<'_>, out: &mut ic_message) -> R {
         }
         Event::SupervisionGaveUp(why) => {
             view.kind = ic_event_kind::IC_EVENT_SUPERVISION_GAVE_UP as u32;
-            held.reason = Some(cstr(&why));
+            held.extra = Some(Box::new(HeldExtra {
+                reason: Some(cstr(&why)),
+                ..HeldExtra::default()
+            }));
         }
         Event::ShutdownRequested => {
             view.kind = ic_event_kind::IC_EVENT_SHUTDOWN_REQUESTED as u32;
         }
     }
-    view.path = held.path.as_ref().map_or(std::ptr::null(), |p| p.as_ptr());
-    view.reason = held
-        .reason
-        .as_ref()
-        .map_or(std::ptr::null(), |p| p.as_ptr());
-    let stored = INBOXES.with(|s| {
-        s.borrow_mut()
-            .get_mut(h)
-            .map(|st| st.held.insert(held))
-            .ok_or(())
-    });
-    match stored {
-        Ok(handle) => {
-            view.handle = handle;
-            *out = view;
-            Ok(())
-        }
-        Err(()) => Err(inbox_miss(h)),
+    if let Some(x) = &held.extra {
+        view.path = x.path.as_ref().map_or(std::ptr::null(), |p| p.as_ptr());
+        view.reason = x.reason.as_ref().map_or(std::ptr::null(), |p| p.as_ptr());
     }
+    view.handle = e.state().held.insert(held);
+    *out = view;
+    Ok(())
 }
 
-/// Runs `f` on the held message `msg` of inbox `h`.
-fn with_held<T>(h: u64, msg: u64, f: impl FnOnce(&mut Held) -> R<T>) -> R<T> {
-    INBOXES.with(|s| {
-        let mut s = s.borrow_mut();
-        let st = s.get_mut(h).ok_or_else(|| inbox_miss(h))?;
-        let held = st
-            .held
-            .get_mut(msg)
-            .ok_or_else(|| (IC_ERR_STALE_HANDLE, format!("no message {msg:#x}")))?;
-        f(held)
-    })
+/// Runs `f` on the held message `msg` of the entered inbox (`f` must not call into the
+/// engine).
+fn with_held<T>(e: &Entered, msg: u64, f: impl FnOnce(&mut Held) -> R<T>) -> R<T> {
+    let held = e
+        .state()
+        .held
+        .get_mut(msg)
+        .ok_or_else(|| (IC_ERR_STALE_HANDLE, format!("no message {msg:#x}")))?;
+    f(held)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -934,7 +1027,9 @@ pub unsafe extern "C" fn ic_spawn(
         let r = c
             .spawn(path, properties, move |ctx| {
                 let e = e;
-                let h = open_inbox(InboxRef::Context(std::ptr::from_ref(ctx)));
+                let Ok(h) = open_inbox(InboxRef::Context(std::ptr::from_ref(ctx))) else {
+                    return;
+                };
                 // SAFETY: the entry function and its data come from `ic_spawn`'s caller.
                 let ran = catch_unwind(AssertUnwindSafe(|| unsafe { (e.f)(h, e.user) }));
                 // Held messages go before the context does.
@@ -1038,7 +1133,7 @@ pub unsafe extern "C" fn ic_mailbox_open(
             MailboxError::InUse => (IC_ERR_IN_USE, e.to_string()),
             _ => (IC_ERR_STALE_HANDLE, e.to_string()),
         })?;
-        let h = open_inbox(InboxRef::Mailbox(Box::new(m)));
+        let h = open_inbox(InboxRef::Mailbox(Box::new(m)))?;
         // SAFETY: non-NULL and writable per the contract.
         unsafe { out.write(h) };
         Ok(())
@@ -1051,8 +1146,8 @@ pub unsafe extern "C" fn ic_mailbox_open(
 #[no_mangle]
 pub extern "C" fn ic_mailbox_close(inbox: ic_inbox) -> ic_error {
     guard(|| {
-        inbox_ptr(inbox)?;
-        if is_context(inbox) {
+        let is_context = enter(inbox)?.context().is_some();
+        if is_context {
             return err(
                 IC_ERR_INVALID_ARGUMENT,
                 "an isolate's inbox closes when it returns",
@@ -1068,8 +1163,9 @@ pub extern "C" fn ic_mailbox_close(inbox: ic_inbox) -> ic_error {
 pub unsafe extern "C" fn ic_inbox_id(inbox: ic_inbox, out: *mut u32) -> ic_error {
     guard(|| {
         non_null(out, "out")?;
-        let p = inbox_ptr(inbox)?;
-        // SAFETY: the pointer is valid while the handle is open (`inbox_ptr`).
+        let e = enter(inbox)?;
+        let p = e.inbox();
+        // SAFETY: the inbox is entered: it stays open for this whole call.
         let id = unsafe { &*p }.me().id();
         // SAFETY: non-NULL and writable per the contract.
         unsafe { out.write(id) };
@@ -1091,11 +1187,12 @@ pub unsafe extern "C" fn ic_send(
 ) -> ic_error {
     guard(|| {
         check_tag(tag)?;
-        let p = inbox_ptr(inbox)?;
+        let e = enter(inbox)?;
+        let p = e.inbox();
         let target = isolate(to)?;
         // SAFETY: `data` points to `len` readable bytes per the contract.
         let bytes = unsafe { bytes_arg(data, len) }?;
-        // SAFETY: the pointer is valid while the handle is open (`inbox_ptr`).
+        // SAFETY: the inbox is entered: it stays open for this whole call.
         unsafe { &*p }
             .send_bytes(&target, tag, bytes)
             .map_err(send_error)
@@ -1113,11 +1210,12 @@ pub unsafe extern "C" fn ic_try_send(
 ) -> ic_error {
     guard(|| {
         check_tag(tag)?;
-        let p = inbox_ptr(inbox)?;
+        let e = enter(inbox)?;
+        let p = e.inbox();
         let target = isolate(to)?;
         // SAFETY: `data` points to `len` readable bytes per the contract.
         let bytes = unsafe { bytes_arg(data, len) }?;
-        // SAFETY: the pointer is valid while the handle is open (`inbox_ptr`).
+        // SAFETY: the inbox is entered: it stays open for this whole call.
         unsafe { &*p }
             .try_send_bytes(&target, tag, bytes)
             .map_err(send_error)
@@ -1144,7 +1242,8 @@ pub unsafe extern "C" fn ic_transfer(
         if len > 0 {
             non_null(data, "data")?;
         }
-        let p = inbox_ptr(inbox)?;
+        let e = enter(inbox)?;
+        let p = e.inbox();
         let target = isolate(to)?;
         let buf = Box::new(ForeignBuffer {
             data,
@@ -1153,7 +1252,7 @@ pub unsafe extern "C" fn ic_transfer(
             free: free_fn,
             ctx: free_ctx,
         });
-        // SAFETY: the pointer is valid while the handle is open (`inbox_ptr`).
+        // SAFETY: the inbox is entered: it stays open for this whole call.
         unsafe { &*p }.transfer(&target, buf).map_err(|e| {
             // The buffer came back: the caller keeps ownership, so it must not be freed.
             let e = e.map(|mut b| {
@@ -1176,8 +1275,9 @@ pub unsafe extern "C" fn ic_recv(
 ) -> ic_error {
     guard(|| {
         non_null(out, "out")?;
-        let (p, ctx) = inbox_entry(inbox)?;
-        // SAFETY: the pointers are valid while the handle is open (`inbox_entry`).
+        let e = enter(inbox)?;
+        let (p, ctx) = (e.inbox(), e.context());
+        // SAFETY: the inbox is entered: it and its context stay valid for this whole call.
         let ev = unsafe {
             match (ctx, timeout_us) {
                 (Some(c), t) if t < 0 => (*c).recv(),
@@ -1190,7 +1290,7 @@ pub unsafe extern "C" fn ic_recv(
         };
         match ev {
             // SAFETY: `out` is non-NULL and writable per the contract.
-            Some(ev) => hold(inbox, ev, unsafe { &mut *out }),
+            Some(ev) => hold(&e, ev, unsafe { &mut *out }),
             // SAFETY: as above.
             None if unsafe { &*p }.is_finished() => err(IC_ERR_STOPPED, "the inbox has stopped"),
             None => err(IC_ERR_TIMEOUT, "nothing arrived"),
@@ -1207,15 +1307,15 @@ pub unsafe extern "C" fn ic_message_release(inbox: ic_inbox, msg: *mut ic_messag
         non_null(msg, "msg")?;
         // SAFETY: non-NULL, points to an ic_message per the contract.
         let m = unsafe { &mut *msg };
-        let held = INBOXES.with(|s| {
-            let mut s = s.borrow_mut();
-            let st = s.get_mut(inbox).ok_or_else(|| inbox_miss(inbox))?;
-            st.held
-                .remove(m.handle)
-                .ok_or_else(|| (IC_ERR_STALE_HANDLE, format!("no message {:#x}", m.handle)))
-        })?;
+        let e = enter(inbox)?;
+        let held = e
+            .state()
+            .held
+            .remove(m.handle)
+            .ok_or_else(|| (IC_ERR_STALE_HANDLE, format!("no message {:#x}", m.handle)))?;
         m.handle = 0;
-        // Dropped with no table borrowed: a buffer's free function may call back in.
+        // Dropped while entered: a buffer's free function that calls back in with this
+        // inbox gets IC_ERR_IN_USE instead of pulling the inbox away.
         drop(held);
         Ok(())
     })
@@ -1241,9 +1341,11 @@ pub unsafe extern "C" fn ic_message_take(
         non_null(len, "len")?;
         // SAFETY: non-NULL, points to an ic_message per the contract.
         let handle = unsafe { (*msg).handle };
-        let mut b = with_held(inbox, handle, |h| {
-            h.buffer
-                .take()
+        let e = enter(inbox)?;
+        let mut b = with_held(&e, handle, |h| {
+            h.extra
+                .as_mut()
+                .and_then(|x| x.buffer.take())
                 .ok_or_else(|| (IC_ERR_NOT_A_REQUEST, "no buffer to take".to_owned()))
         })?;
         let f = b.free.take();
@@ -1279,8 +1381,9 @@ pub unsafe extern "C" fn ic_reply(
         let bytes = unsafe { bytes_arg(data, len) }?;
         // SAFETY: non-NULL, points to an ic_message per the contract.
         let handle = unsafe { (*msg).handle };
-        let m = held_message(inbox, handle)?;
-        // SAFETY: the message stays held (and so alive) while the inbox's thread is here.
+        let e = enter(inbox)?;
+        let m = held_message(&e, handle)?;
+        // SAFETY: the inbox is entered, so the message cannot be released meanwhile.
         unsafe { &*m }.reply_bytes(tag, bytes).map_err(send_error)
     })
 }
@@ -1300,8 +1403,9 @@ pub unsafe extern "C" fn ic_reply_error(
         let text = unsafe { str_arg(error, "error") }?;
         // SAFETY: non-NULL, points to an ic_message per the contract.
         let handle = unsafe { (*msg).handle };
-        let m = held_message(inbox, handle)?;
-        // SAFETY: the message stays held (and so alive) while the inbox's thread is here.
+        let e = enter(inbox)?;
+        let m = held_message(&e, handle)?;
+        // SAFETY: the inbox is entered, so the message cannot be released meanwhile.
         let m = unsafe { &*m };
         if !m.is_request() {
             return err(IC_ERR_NOT_A_REQUEST, "the message is not a request");
@@ -1312,8 +1416,8 @@ pub unsafe extern "C" fn ic_reply_error(
 
 /// The held message behind `handle`, as a pointer (no table borrow is kept while it is
 /// used: replying may run user code).
-fn held_message(inbox: ic_inbox, handle: u64) -> R<*const Message<'static>> {
-    with_held(inbox, handle, |h| {
+fn held_message(e: &Entered, handle: u64) -> R<*const Message<'static>> {
+    with_held(e, handle, |h| {
         h.msg
             .as_ref()
             .map(std::ptr::from_ref)
@@ -1338,11 +1442,12 @@ pub unsafe extern "C" fn ic_call(
     guard(|| {
         non_null(reply, "reply")?;
         check_tag(tag)?;
-        let p = inbox_ptr(inbox)?;
+        let e = enter(inbox)?;
+        let p = e.inbox();
         let target = isolate(to)?;
         // SAFETY: `data` points to `len` readable bytes per the contract.
         let bytes = unsafe { bytes_arg(data, len) }?;
-        // SAFETY: the pointer is valid while the handle is open (`inbox_ptr`).
+        // SAFETY: the inbox is entered: it stays open for this whole call.
         let inb = unsafe { &*p };
         let id = match inb.request_bytes(&target, tag, bytes) {
             Ok(id) => id,
@@ -1358,7 +1463,7 @@ pub unsafe extern "C" fn ic_call(
             .wait_reply(id, Duration::from_millis(timeout_ms))
             .map_err(call_error)?;
         // SAFETY: `reply` is non-NULL and writable per the contract.
-        hold(inbox, Event::Message(m), unsafe { &mut *reply })
+        hold(&e, Event::Message(m), unsafe { &mut *reply })
     })
 }
 
@@ -1368,8 +1473,9 @@ pub unsafe extern "C" fn ic_call(
 #[no_mangle]
 pub extern "C" fn ic_watch_isolates(inbox: ic_inbox) -> ic_error {
     guard(|| {
-        let p = inbox_ptr(inbox)?;
-        // SAFETY: the pointer is valid while the handle is open (`inbox_ptr`).
+        let e = enter(inbox)?;
+        let p = e.inbox();
+        // SAFETY: the inbox is entered: it stays open for this whole call.
         unsafe { &*p }.watch_isolates(|_| true);
         Ok(())
     })
@@ -1381,8 +1487,8 @@ pub extern "C" fn ic_watch_isolates(inbox: ic_inbox) -> ic_error {
 #[no_mangle]
 pub extern "C" fn ic_shutdown_isolate(inbox: ic_inbox) -> ic_error {
     guard(|| {
-        let (_, ctx) = inbox_entry(inbox)?;
-        match ctx {
+        let e = enter(inbox)?;
+        match e.context() {
             // SAFETY: valid while the handle is open (see `InboxRef::Context`).
             Some(c) => unsafe { &*c }.shutdown_isolate(),
             None => return err(IC_ERR_INVALID_ARGUMENT, "a mailbox is not an isolate"),
