@@ -107,7 +107,8 @@ typedef enum {
    */
   IC_ERR_STOPPED = 15,
   /**
-   * This thread already has an open mailbox for this cluster.
+   * This thread already has an open mailbox for this cluster; or the inbox is in a
+   * call already (a free function called back in with it).
    */
   IC_ERR_IN_USE = 16,
   /**
@@ -456,7 +457,9 @@ ic_error ic_try_send(ic_inbox inbox, ic_isolate to, uint64_t tag, const void *da
  * Moves a caller-owned buffer to the isolate without copying it: only the pointer
  * travels. On success the library owns `data` and calls `free_fn(data, free_ctx)` once
  * when nobody wants it any more (the receiver may take it over with `ic_message_take`);
- * `free_fn` may be NULL if nothing needs freeing, and must be callable from any thread.
+ * `free_fn` may be NULL if nothing needs freeing, and must be callable from any thread;
+ * if it calls this library with the inbox whose call frees the buffer, that call returns
+ * IC_ERR_IN_USE.
  * On failure the caller still owns `data`. The inbox's thread only.
  */
 ic_error ic_transfer(ic_inbox inbox,

@@ -70,7 +70,8 @@ pub enum ic_error {
     IC_ERR_TARGET_DOWN = 14,
     /// The inbox has stopped: no more events.
     IC_ERR_STOPPED = 15,
-    /// This thread already has an open mailbox for this cluster.
+    /// This thread already has an open mailbox for this cluster; or the inbox is in a
+    /// call already (a free function called back in with it).
     IC_ERR_IN_USE = 16,
     /// The message is not a request, or was a transfer already taken.
     IC_ERR_NOT_A_REQUEST = 17,
@@ -1225,7 +1226,9 @@ pub unsafe extern "C" fn ic_try_send(
 /// Moves a caller-owned buffer to the isolate without copying it: only the pointer
 /// travels. On success the library owns `data` and calls `free_fn(data, free_ctx)` once
 /// when nobody wants it any more (the receiver may take it over with `ic_message_take`);
-/// `free_fn` may be NULL if nothing needs freeing, and must be callable from any thread.
+/// `free_fn` may be NULL if nothing needs freeing, and must be callable from any thread;
+/// if it calls this library with the inbox whose call frees the buffer, that call returns
+/// IC_ERR_IN_USE.
 /// On failure the caller still owns `data`. The inbox's thread only.
 #[no_mangle]
 pub unsafe extern "C" fn ic_transfer(

@@ -36,8 +36,12 @@ enum { TAG_PING = 1, TAG_TEXT = 2, TAG_FAIL = 3, TAG_DIE = 4, TAG_BUF = 5, TAG_S
 /* Replies to requests: TAG_PING echoes the bytes, TAG_FAIL answers with an error,
  * TAG_DIE returns without answering, TAG_BUF takes the transferred buffer and replies with
  * its first byte, TAG_STOP stops the receive loop. Plain messages are answered too. */
+static _Atomic ic_inbox first_echo_inbox = 0;
+
 static void echo_entry(ic_inbox inbox, void *user) {
     atomic_int *stopped_code = user;
+    ic_inbox expected = 0;
+    atomic_compare_exchange_strong(&first_echo_inbox, &expected, inbox);
     for (;;) {
         ic_message m;
         ic_error e = ic_recv(inbox, -1, &m);
@@ -126,6 +130,15 @@ static void free_buffer(void *data, void *ctx) {
     CHECK(ctx == (void *)&freed);
     free(data);
     atomic_fetch_add(&freed, 1);
+}
+
+/* A free function that calls back into the library with the inbox whose call runs it:
+ * refused with IC_ERR_IN_USE (the inbox cannot be pulled away under that call). */
+static atomic_int reentrant_result = -1;
+static void free_reentrant(void *data, void *ctx) {
+    uint32_t id;
+    atomic_store(&reentrant_result, ic_inbox_id(atomic_load(&first_echo_inbox), &id));
+    free_buffer(data, ctx);
 }
 
 /* --- a thread that tries to use another thread's mailbox ------------------------------ */
@@ -259,7 +272,7 @@ int main(void) {
     /* A transfer nobody takes is freed when its message is released. */
     uint8_t *buf2 = malloc(16);
     memset(buf2, 9, 16);
-    EXPECT(ic_transfer(mb, echo, TAG_TEXT, buf2, 16, free_buffer, &freed), IC_OK);
+    EXPECT(ic_transfer(mb, echo, TAG_TEXT, buf2, 16, free_reentrant, &freed), IC_OK);
     /* (The echo isolate answers TAG_TEXT with the bytes it sees: the buffer's.) */
     EXPECT(ic_recv(mb, 5 * 1000 * 1000, &m), IC_OK);
     CHECK(m.len == 16);
@@ -271,6 +284,7 @@ int main(void) {
         nanosleep(&ts, NULL);
     }
     CHECK(atomic_load(&freed) == 2);
+    CHECK(atomic_load(&reentrant_result) == IC_ERR_IN_USE);
 
     /* Watch isolates: up events for the live ones, then a down event. */
     EXPECT(ic_watch_isolates(mb), IC_OK);
