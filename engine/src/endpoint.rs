@@ -192,7 +192,9 @@ fn run_drops(drops: Vec<TransferPayload>) {
     }
 }
 
-/// Hashes endpoint ids (already unique small integers) as themselves.
+/// Hashes the small integer keys of the endpoint's maps (endpoint ids, sequential request
+/// ids) with one multiplication (Fibonacci hashing spreads them over the high bits hashbrown
+/// uses); SipHash cost more than the rest of a call's bookkeeping.
 #[derive(Default)]
 pub(crate) struct IdHasher(u64);
 
@@ -205,34 +207,17 @@ impl Hasher for IdHasher {
     fn write_u32(&mut self, v: u32) {
         self.0 = u64::from(v);
     }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
     fn finish(&self) -> u64 {
-        self.0
+        self.0.wrapping_mul(0x9e37_79b9_7f4a_7c15)
     }
 }
 
 type IdMap<V> = HashMap<u32, V, BuildHasherDefault<IdHasher>>;
 
-/// Hashes request ids (sequential `u64`s) with one multiplication: SipHash cost more than
-/// the rest of a call's bookkeeping.
-#[derive(Default)]
-pub(crate) struct RequestHasher(u64);
-
-impl Hasher for RequestHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = (self.0 << 8) | u64::from(*b);
-        }
-    }
-    fn write_u64(&mut self, v: u64) {
-        self.0 = v;
-    }
-    fn finish(&self) -> u64 {
-        // Fibonacci hashing: spreads sequential ids over the high bits hashbrown uses.
-        self.0.wrapping_mul(0x9e37_79b9_7f4a_7c15)
-    }
-}
-
-type RequestMap<V> = HashMap<u64, V, BuildHasherDefault<RequestHasher>>;
+type RequestMap<V> = HashMap<u64, V, BuildHasherDefault<IdHasher>>;
 
 /// The producer halves of an endpoint.
 pub(crate) struct Outbound {

@@ -256,12 +256,22 @@ impl Inbox {
         tag: crate::TypeTag,
         bytes: &[u8],
     ) -> Result<(), SendError> {
+        self.send_raw(target, tag, bytes, Mode::Block)
+    }
+
+    fn send_raw(
+        &self,
+        target: &IsolateRef,
+        tag: crate::TypeTag,
+        bytes: &[u8],
+        mode: Mode,
+    ) -> Result<(), SendError> {
         let route = Route {
             flags: crate::frame::FLAG_RAW,
             ..Route::plain(self.ep.shared.id)
         };
         self.ep
-            .send_bytes(Target::Ref(target), tag, bytes, route, Mode::Block)
+            .send_bytes(Target::Ref(target), tag, bytes, route, mode)
     }
 
     /// [`send_bytes`](Self::send_bytes) that returns [`SendError::Full`] instead of waiting.
@@ -271,12 +281,7 @@ impl Inbox {
         tag: crate::TypeTag,
         bytes: &[u8],
     ) -> Result<(), SendError> {
-        let route = Route {
-            flags: crate::frame::FLAG_RAW,
-            ..Route::plain(self.ep.shared.id)
-        };
-        self.ep
-            .send_bytes(Target::Ref(target), tag, bytes, route, Mode::Try)
+        self.send_raw(target, tag, bytes, Mode::Try)
     }
 
     /// [`request`](Self::request) with raw bytes and an application tag (as
