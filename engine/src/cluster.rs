@@ -560,7 +560,7 @@ impl ClusterInner {
         };
         let job = job.or_else(|| {
             let below = !reg.shutting_down && reg.by_path.keys().any(|p| is_below(p, me.path()));
-            below.then(|| Job::StopDescendants(me.path().to_owned()))
+            below.then(|| Job::StopDescendants(me.path().to_owned(), me.id()))
         });
         if job.is_some() {
             reg.pending_jobs += 1;

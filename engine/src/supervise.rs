@@ -165,8 +165,9 @@ pub(crate) enum Job {
         id: u32,
         reason: DownReason,
     },
-    /// An isolate that is not restarted stopped: stop what lives below it.
-    StopDescendants(String),
+    /// An isolate (path, endpoint id) that is not restarted stopped: stop what lives
+    /// below it.
+    StopDescendants(String, u32),
     /// Node shutdown: the whole tree, deepest first.
     StopAll,
 }
@@ -205,13 +206,20 @@ impl Registry {
         }
     }
 
-    /// Live isolates strictly below `path`; their supervision records are dropped (they
-    /// belong to an incarnation of `path` that is going away).
-    fn take_descendants(&mut self, path: &str) -> Vec<IsolateRef> {
-        self.children.retain(|p, _| !is_below(p, path));
+    /// Live isolates strictly below `path` that belong to its incarnation `going` (which is
+    /// going away); their supervision records are dropped. If a newer incarnation of
+    /// `path` already runs, what it spawned (ids are never reused and only grow, so
+    /// anything spawned after it has a larger id) is left alone.
+    fn take_descendants(&mut self, path: &str, going: u32) -> Vec<IsolateRef> {
+        let newer = match self.by_path.get(path) {
+            Some(r) if r.id() > going => r.id(),
+            _ => u32::MAX,
+        };
+        self.children
+            .retain(|p, rec| !is_below(p, path) || rec.current.id() > newer);
         self.by_path
             .iter()
-            .filter(|(p, _)| is_below(p, path))
+            .filter(|(p, r)| is_below(p, path) && r.id() < newer)
             .map(|(_, r)| r.clone())
             .collect()
     }
@@ -292,8 +300,8 @@ impl ClusterInner {
     fn handle(self: &Arc<Self>, job: Job) {
         match job {
             Job::ChildDown { path, id, reason } => self.child_down(&path, id, &reason),
-            Job::StopDescendants(path) => {
-                let below = lock(&self.registry).take_descendants(&path);
+            Job::StopDescendants(path, id) => {
+                let below = lock(&self.registry).take_descendants(&path, id);
                 self.stop_in_order(below);
             }
             Job::StopAll => {
@@ -325,7 +333,7 @@ impl ClusterInner {
         let sup_alive = sup == "/" || reg.by_path.contains_key(&sup);
         if !wanted || !sup_alive || reg.shutting_down {
             reg.children.remove(path);
-            let below = reg.take_descendants(path);
+            let below = reg.take_descendants(path, id);
             drop(reg);
             self.stop_in_order(below);
             return;
@@ -370,7 +378,12 @@ impl ClusterInner {
         set.sort();
         let mut stop = Vec::new();
         for (_, p) in &set {
-            stop.extend(reg.take_descendants(p));
+            let going = if p == path {
+                id
+            } else {
+                reg.children.get(p).map_or(0, |rec| rec.current.id())
+            };
+            stop.extend(reg.take_descendants(p, going));
             if p != path {
                 if let Some(rec) = reg.children.get_mut(p) {
                     rec.stopping = true;
@@ -380,6 +393,18 @@ impl ClusterInner {
                 }
             }
         }
+        // Temporary siblings are stopped with the others but, as in OTP, not restarted.
+        set.retain(|(_, p)| {
+            let temporary = p != path
+                && reg
+                    .children
+                    .get(p)
+                    .is_some_and(|rec| rec.restart == Restart::Temporary);
+            if temporary {
+                reg.children.remove(p);
+            }
+            !temporary
+        });
         drop(reg);
         self.stop_in_order(stop);
         for (_, p) in set {
@@ -440,7 +465,7 @@ impl ClusterInner {
             return;
         };
         reg.escalations.insert(s.id(), msg);
-        let mut stop = reg.take_descendants(sup);
+        let mut stop = reg.take_descendants(sup, s.id());
         stop.push(s);
         drop(reg);
         self.stop_in_order(stop);

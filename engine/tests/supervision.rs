@@ -484,3 +484,32 @@ fn an_isolate_that_stops_takes_its_subtree_with_it() {
         cluster.join(T).unwrap();
     });
 }
+
+#[test]
+fn one_for_all_stops_a_temporary_sibling_without_restarting_it() {
+    with_timeout(LIMIT, || {
+        let cluster = Cluster::builder()
+            .supervision(Supervision::one_for_all())
+            .build();
+        let temp = cluster
+            .spawn_supervised("/temp", Properties::new(), Restart::Temporary, flaky)
+            .unwrap();
+        let perm = cluster
+            .spawn_supervised("/perm", Properties::new(), Restart::Permanent, flaky)
+            .unwrap();
+        perm.send(&1u8).unwrap();
+        assert_eq!(
+            temp.wait_down(T),
+            Some(DownReason::Normal),
+            "stopped with the others"
+        );
+        next_incarnation(&cluster, "/perm", &perm);
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(
+            cluster.lookup("/temp").is_err(),
+            "a temporary child is not restarted"
+        );
+        cluster.shutdown();
+        cluster.join(T).unwrap();
+    });
+}

@@ -226,7 +226,7 @@ fn set_last_error(msg: impl Into<String>) {
     let mut s = msg.into();
     s.retain(|c| c != '\0');
     let c = CString::new(s).unwrap_or_default();
-    LAST_ERROR.with(|e| *e.borrow_mut() = c);
+    let _ = LAST_ERROR.try_with(|e| *e.borrow_mut() = c);
 }
 
 /// Runs `f`, turning a panic into `IC_ERR_PANIC` and recording error detail.
@@ -346,9 +346,23 @@ fn next_generation() -> u32 {
 struct Slab<T> {
     slots: Vec<(u32, Option<T>)>,
     free: Vec<u32>,
-    /// Generations from this table's own counter (for tables only one thread uses, whose
-    /// handles never meet another table's), or 0: from the global counter.
-    local: u32,
+    /// For tables only one thread uses: the next generation of a block reserved from the
+    /// global counter (so handles stay unique across tables without touching the shared
+    /// counter per insert), and how many are left in the block. `None`: global per insert.
+    local: Option<(u32, u32)>,
+}
+
+/// Generations a local table reserves at once.
+const GENERATION_BLOCK: u32 = 1024;
+
+/// `GENERATION_BLOCK` consecutive non-zero generations, unique to the caller.
+fn reserve_generations() -> u32 {
+    loop {
+        let g = GENERATION.fetch_add(GENERATION_BLOCK, Ordering::Relaxed);
+        if g != 0 && g.checked_add(GENERATION_BLOCK).is_some() {
+            return g;
+        }
+    }
 }
 
 impl<T> Slab<T> {
@@ -357,26 +371,31 @@ impl<T> Slab<T> {
         Self {
             slots: Vec::new(),
             free: Vec::new(),
-            local: 0,
+            local: None,
         }
     }
 
-    /// A table whose handles are unique within it (no shared counter on its hot path).
+    /// A table one thread uses: unique handles, the shared counter touched once per block.
     const fn new_local() -> Self {
         Self {
             slots: Vec::new(),
             free: Vec::new(),
-            local: 1,
+            local: Some((0, 0)),
         }
     }
 
     fn insert(&mut self, v: T) -> u64 {
-        let gen = if self.local == 0 {
-            next_generation()
-        } else {
-            let g = self.local;
-            self.local = self.local.wrapping_add(1).max(1);
-            g
+        let gen = match &mut self.local {
+            None => next_generation(),
+            Some((next, left)) => {
+                if *left == 0 {
+                    *next = reserve_generations();
+                    *left = GENERATION_BLOCK;
+                }
+                *left -= 1;
+                *next += 1;
+                *next - 1
+            }
         };
         let i = match self.free.pop() {
             Some(i) => {
@@ -428,7 +447,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-static CLUSTERS: Mutex<Slab<Arc<Cluster>>> = Mutex::new(Slab::new());
+/// Clusters, with the drop timeout they were built with.
+static CLUSTERS: Mutex<Slab<(Arc<Cluster>, Duration)>> = Mutex::new(Slab::new());
 static ISOLATES: Mutex<Slab<IsolateRef>> = Mutex::new(Slab::new());
 /// Bumped by every isolate handle release: threads drop their cached copies.
 static ISOLATE_EPOCH: AtomicU64 = AtomicU64::new(0);
@@ -436,7 +456,7 @@ static ISOLATE_EPOCH: AtomicU64 = AtomicU64::new(0);
 fn cluster(h: u64) -> R<Arc<Cluster>> {
     lock(&CLUSTERS)
         .get(h)
-        .cloned()
+        .map(|(c, _)| Arc::clone(c))
         .ok_or_else(|| (IC_ERR_STALE_HANDLE, format!("no cluster {h:#x}")))
 }
 
@@ -544,15 +564,19 @@ fn thread_token() -> u64 {
     thread_local! {
         static TOKEN: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
     }
-    TOKEN.with(|t| {
-        let v = t.get();
-        if v != 0 {
-            return v;
-        }
-        let v = NEXT.fetch_add(1, Ordering::Relaxed);
-        t.set(v);
-        v
-    })
+    // `try_with`: a free function may run while the thread's locals are being destroyed;
+    // token 0 then matches no inbox.
+    TOKEN
+        .try_with(|t| {
+            let v = t.get();
+            if v != 0 {
+                return v;
+            }
+            let v = NEXT.fetch_add(1, Ordering::Relaxed);
+            t.set(v);
+            v
+        })
+        .unwrap_or(0)
 }
 
 fn slot_at(index: u32) -> Option<&'static InboxSlot> {
@@ -867,7 +891,9 @@ pub extern "C" fn ic_error_str(code: i32) -> *const c_char {
 /// next failing call on this thread; never NULL.
 #[no_mangle]
 pub extern "C" fn ic_last_error() -> *const c_char {
-    LAST_ERROR.with(|e| e.borrow().as_ptr())
+    LAST_ERROR
+        .try_with(|e| e.borrow().as_ptr())
+        .unwrap_or(c"".as_ptr())
 }
 
 // ---------------------------------------------------------------------------------------
@@ -932,7 +958,13 @@ pub unsafe extern "C" fn ic_cluster_new(cfg: *const ic_config, out: *mut ic_clus
                 b = b.node_name(unsafe { str_arg(c.node_name, "node_name") }?);
             }
         }
-        let h = lock(&CLUSTERS).insert(Arc::new(b.build()));
+        let drop_timeout = if cfg.is_null() {
+            Duration::from_secs(2)
+        } else {
+            // SAFETY: non-NULL, points to an ic_config per the contract.
+            Duration::from_millis(unsafe { (*cfg).drop_timeout_ms })
+        };
+        let h = lock(&CLUSTERS).insert((Arc::new(b.build()), drop_timeout));
         // SAFETY: non-NULL and writable per the contract.
         unsafe { out.write(h) };
         Ok(())
@@ -968,12 +1000,16 @@ pub extern "C" fn ic_cluster_join(cluster_handle: ic_cluster, timeout_ms: u64) -
 #[no_mangle]
 pub extern "C" fn ic_cluster_free(cluster_handle: ic_cluster) -> ic_error {
     guard(|| {
-        let c = lock(&CLUSTERS).remove(cluster_handle).ok_or_else(|| {
+        let (c, patience) = lock(&CLUSTERS).remove(cluster_handle).ok_or_else(|| {
             (
                 IC_ERR_STALE_HANDLE,
                 format!("no cluster {cluster_handle:#x}"),
             )
         })?;
+        // Shut down and wait here, even if another call still holds the cluster for a
+        // moment (the last reference, wherever it drops, then has nothing left to wait for).
+        c.shutdown();
+        let _ = c.join(patience);
         drop(c);
         Ok(())
     })
@@ -1028,8 +1064,10 @@ pub unsafe extern "C" fn ic_spawn(
         let r = c
             .spawn(path, properties, move |ctx| {
                 let e = e;
-                let Ok(h) = open_inbox(InboxRef::Context(std::ptr::from_ref(ctx))) else {
-                    return;
+                let h = match open_inbox(InboxRef::Context(std::ptr::from_ref(ctx))) {
+                    Ok(h) => h,
+                    // The isolate goes down `Panicked` with the reason.
+                    Err((_, why)) => panic!("the isolate's inbox could not be opened: {why}"),
                 };
                 // SAFETY: the entry function and its data come from `ic_spawn`'s caller.
                 let ran = catch_unwind(AssertUnwindSafe(|| unsafe { (e.f)(h, e.user) }));

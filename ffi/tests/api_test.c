@@ -242,6 +242,31 @@ int main(void) {
     EXPECT(ic_recv(mb, -1, &m), IC_OK);
     EXPECT(ic_message_release(mb, &m), IC_OK);
 
+    /* Message handles are unique across inboxes: a message of one inbox released
+     * through another thread-local inbox is a stale handle there, not someone else's. */
+    {
+        ic_cluster c2;
+        EXPECT(ic_cluster_new(&cfg, &c2), IC_OK);
+        static atomic_int e2_stopped = 0;
+        ic_isolate e2;
+        EXPECT(ic_spawn(c2, "/echo", NULL, 0, echo_entry, &e2_stopped, &e2), IC_OK);
+        ic_inbox mb2;
+        EXPECT(ic_mailbox_open(c2, &mb2), IC_OK);
+        ic_message in1, in2;
+        EXPECT(ic_send(mb2, e2, TAG_TEXT, text, sizeof text), IC_OK);
+        EXPECT(ic_recv(mb2, 5 * 1000 * 1000, &in2), IC_OK);
+        EXPECT(ic_send(mb, echo, TAG_TEXT, text, sizeof text), IC_OK);
+        EXPECT(ic_recv(mb, 5 * 1000 * 1000, &in1), IC_OK);
+        EXPECT(ic_message_release(mb, &in2), IC_ERR_STALE_HANDLE);
+        EXPECT(ic_message_release(mb2, &in1), IC_ERR_STALE_HANDLE);
+        CHECK(memcmp(in1.data, text, sizeof text) == 0);
+        EXPECT(ic_message_release(mb2, &in2), IC_OK);
+        EXPECT(ic_message_release(mb, &in1), IC_OK);
+        EXPECT(ic_mailbox_close(mb2), IC_OK);
+        EXPECT(ic_isolate_release(e2), IC_OK);
+        EXPECT(ic_cluster_free(c2), IC_OK);
+    }
+
     /* Calls: a reply, a remote error, a target that dies, many in a row. */
     uint64_t x = 0x1234;
     ic_message r;
