@@ -632,7 +632,9 @@ fn open_inbox(inbox: InboxRef) -> R<u64> {
     slot.owner.store(thread_token(), Ordering::Relaxed);
     let gen = next_generation();
     slot.gen.store(gen, Ordering::Release);
-    Ok((u64::from(gen) << 32) | u64::from(index))
+    let h = (u64::from(gen) << 32) | u64::from(index);
+    let _ = OPEN_INBOXES.try_with(|o| o.0.borrow_mut().push(h));
+    Ok(h)
 }
 
 /// An inbox entered by its owner thread for one call. While it lives, no other call can
@@ -707,14 +709,46 @@ fn close_inbox(h: u64) -> R {
     let e = enter(h)?;
     // SAFETY: entered; the reference ends with this statement.
     let state = unsafe { (*e.slot.state.get()).take() };
-    let slot = e.slot;
-    slot.gen.store(0, Ordering::Release);
-    slot.owner.store(0, Ordering::Relaxed);
+    release_slot(e.slot, h);
     drop(e);
-    lock(&INBOX_ALLOC).0.push((h & 0xffff_ffff) as u32);
+    let _ = OPEN_INBOXES.try_with(|o| o.0.borrow_mut().retain(|k| *k != h));
     // Dropped last, with the slot already free: user free functions may call back in.
     drop(state);
     Ok(())
+}
+
+fn release_slot(slot: &InboxSlot, h: u64) {
+    slot.gen.store(0, Ordering::Release);
+    slot.owner.store(0, Ordering::Relaxed);
+    slot.busy.store(false, Ordering::Relaxed);
+    lock(&INBOX_ALLOC).0.push((h & 0xffff_ffff) as u32);
+}
+
+/// The inboxes this thread opened and has not closed. A thread that ends with mailboxes
+/// open (C code often forgets) closes them on the way out, so their endpoints are torn
+/// down (monitors hear of it, nothing waits on them) and their slots come back.
+struct OpenInboxes(RefCell<Vec<u64>>);
+
+impl Drop for OpenInboxes {
+    fn drop(&mut self) {
+        for h in std::mem::take(&mut *self.0.borrow_mut()) {
+            let Some(slot) = slot_at((h & 0xffff_ffff) as u32) else {
+                continue;
+            };
+            if slot.gen.load(Ordering::Acquire) != (h >> 32) as u32 {
+                continue;
+            }
+            // SAFETY: this thread opened the inbox (the list is thread-local) and is
+            // ending, so no call of it is running: the state is ours to take.
+            let state = unsafe { (*slot.state.get()).take() };
+            release_slot(slot, h);
+            drop(state);
+        }
+    }
+}
+
+thread_local! {
+    static OPEN_INBOXES: OpenInboxes = const { OpenInboxes(RefCell::new(Vec::new())) };
 }
 
 /// A buffer moved from C with `ic_transfer`.

@@ -151,6 +151,15 @@ static void *use_foreign(void *arg) {
     return NULL;
 }
 
+/* A thread that opens a mailbox and ends without closing it. */
+static ic_cluster leaky_cluster;
+static ic_inbox leaked_inbox;
+static void *open_and_leave(void *arg) {
+    (void)arg;
+    CHECK(ic_mailbox_open(leaky_cluster, &leaked_inbox) == IC_OK);
+    return NULL;
+}
+
 int main(void) {
     /* Library. */
     CHECK(strlen(ic_version()) > 0);
@@ -218,6 +227,12 @@ int main(void) {
     pthread_join(t, NULL);
     CHECK(foreign_result == IC_ERR_WRONG_THREAD);
     EXPECT(ic_inbox_id(12345, &my_id), IC_ERR_STALE_HANDLE);
+    /* A mailbox its thread left open is closed when that thread ends. */
+    leaky_cluster = cluster;
+    pthread_create(&t, NULL, open_and_leave, NULL);
+    pthread_join(t, NULL);
+    CHECK(leaked_inbox != 0);
+    EXPECT(ic_mailbox_close(leaked_inbox), IC_ERR_STALE_HANDLE);
 
     /* Send and receive: plain message, echoed back to the mailbox. */
     const char text[] = "hello";
