@@ -422,8 +422,8 @@ ic_error ic_isolate_release(ic_isolate isolate_handle);
 /**
  * Opens the calling thread's mailbox for the cluster (a thread that is not an isolate
  * receives replies and events there). `out` receives an inbox handle usable on this
- * thread only; close it with `ic_mailbox_close`. IC_ERR_IN_USE if this thread has one
- * open already.
+ * thread only; close it with `ic_mailbox_close` (a thread that ends with it open closes
+ * it on the way out). IC_ERR_IN_USE if this thread has one open already.
  */
 ic_error ic_mailbox_open(ic_cluster cluster_handle, ic_inbox *out);
 

@@ -1192,8 +1192,8 @@ pub extern "C" fn ic_isolate_release(isolate_handle: ic_isolate) -> ic_error {
 
 /// Opens the calling thread's mailbox for the cluster (a thread that is not an isolate
 /// receives replies and events there). `out` receives an inbox handle usable on this
-/// thread only; close it with `ic_mailbox_close`. IC_ERR_IN_USE if this thread has one
-/// open already.
+/// thread only; close it with `ic_mailbox_close` (a thread that ends with it open closes
+/// it on the way out). IC_ERR_IN_USE if this thread has one open already.
 #[no_mangle]
 pub unsafe extern "C" fn ic_mailbox_open(
     cluster_handle: ic_cluster,
