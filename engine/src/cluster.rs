@@ -256,6 +256,8 @@ pub(crate) struct Registry {
     next_order: u64,
     /// Why the node's supervision gave up, if it did.
     pub failure: Option<String>,
+    /// Supervision records forgotten under the lock, dropped after it (`unlock`).
+    pub released: Vec<ChildRecord>,
 }
 
 /// Counters of one endpoint, as [`Cluster::stats`] reports them.
@@ -337,7 +339,7 @@ impl ClusterInner {
         let me = self.spawn_locked(&mut reg, path, props.clone(), move |ctx: &Context| run(ctx))?;
         let order = reg.next_order;
         reg.next_order += 1;
-        reg.children.insert(
+        let replaced = reg.children.insert(
             path.to_owned(),
             ChildRecord {
                 props,
@@ -348,6 +350,10 @@ impl ClusterInner {
                 stopping: false,
             },
         );
+        if let Some(old) = replaced {
+            reg.released.push(old);
+        }
+        self.unlock(reg);
         Ok(me)
     }
 

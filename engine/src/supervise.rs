@@ -192,6 +192,15 @@ fn depth(path: &str) -> usize {
 }
 
 impl Registry {
+    /// Drops the record of the supervised isolate at `path`. Its entry (a user closure,
+    /// whose `Drop` may touch the cluster) is dropped later, outside the registry lock
+    /// (see [`ClusterInner::unlock`]).
+    pub(crate) fn forget_child(&mut self, path: &str) {
+        if let Some(rec) = self.children.remove(path) {
+            self.released.push(rec);
+        }
+    }
+
     /// Delivers a supervision notice to the supervisor at `sup` (the node's go to
     /// watchers).
     pub(crate) fn notify(&self, sup: &str, notice: Notice) {
@@ -215,8 +224,15 @@ impl Registry {
             Some(r) if r.id() > going => r.id(),
             _ => u32::MAX,
         };
-        self.children
-            .retain(|p, rec| !is_below(p, path) || rec.current.id() > newer);
+        let gone: Vec<String> = self
+            .children
+            .iter()
+            .filter(|(p, rec)| is_below(p, path) && rec.current.id() <= newer)
+            .map(|(p, _)| p.clone())
+            .collect();
+        for p in gone {
+            self.forget_child(&p);
+        }
         self.by_path
             .iter()
             .filter(|(p, r)| is_below(p, path) && r.id() < newer)
@@ -226,6 +242,13 @@ impl Registry {
 }
 
 impl ClusterInner {
+    /// Releases the registry lock, then drops the supervision records forgotten under it.
+    pub(crate) fn unlock(&self, mut reg: std::sync::MutexGuard<'_, Registry>) {
+        let released = std::mem::take(&mut reg.released);
+        drop(reg);
+        drop(released);
+    }
+
     /// Queues work for the supervision thread, starting it if needed.
     pub(crate) fn submit(self: &Arc<Self>, job: Job) {
         lock(&self.registry).pending_jobs += 1;
@@ -332,9 +355,9 @@ impl ClusterInner {
         };
         let sup_alive = sup == "/" || reg.by_path.contains_key(&sup);
         if !wanted || !sup_alive || reg.shutting_down {
-            reg.children.remove(path);
+            reg.forget_child(path);
             let below = reg.take_descendants(path, id);
-            drop(reg);
+            self.unlock(reg);
             self.stop_in_order(below);
             return;
         }
@@ -357,8 +380,8 @@ impl ClusterInner {
                 policy.max_restarts, policy.within
             );
             log.clear();
-            reg.children.remove(path);
-            drop(reg);
+            reg.forget_child(path);
+            self.unlock(reg);
             self.give_up(&sup, msg);
             return;
         }
@@ -401,11 +424,11 @@ impl ClusterInner {
                     .get(p)
                     .is_some_and(|rec| rec.restart == Restart::Temporary);
             if temporary {
-                reg.children.remove(p);
+                reg.forget_child(p);
             }
             !temporary
         });
-        drop(reg);
+        self.unlock(reg);
         self.stop_in_order(stop);
         for (_, p) in set {
             self.respawn(&p);
@@ -419,7 +442,7 @@ impl ClusterInner {
             return;
         };
         if reg.shutting_down {
-            reg.children.remove(path);
+            reg.forget_child(path);
             return;
         }
         if reg.by_path.contains_key(path) {
@@ -440,9 +463,9 @@ impl ClusterInner {
                 reg.notify(parent_of(path), Notice::Restarted(new));
             }
             Err(e) => {
-                reg.children.remove(path);
+                reg.forget_child(path);
                 let msg = format!("could not restart {path}: {e}");
-                drop(reg);
+                self.unlock(reg);
                 self.give_up(parent_of(path), msg);
             }
         }
@@ -455,7 +478,7 @@ impl ClusterInner {
         reg.notify(sup, Notice::GaveUp(msg.clone()));
         if sup == "/" {
             reg.failure.get_or_insert(msg);
-            drop(reg);
+            self.unlock(reg);
             self.begin_shutdown();
             let all: Vec<IsolateRef> = lock(&self.registry).by_path.values().cloned().collect();
             self.stop_in_order(all);
@@ -467,7 +490,7 @@ impl ClusterInner {
         reg.escalations.insert(s.id(), msg);
         let mut stop = reg.take_descendants(sup, s.id());
         stop.push(s);
-        drop(reg);
+        self.unlock(reg);
         self.stop_in_order(stop);
     }
 }

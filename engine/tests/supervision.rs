@@ -513,3 +513,39 @@ fn one_for_all_stops_a_temporary_sibling_without_restarting_it() {
         cluster.join(T).unwrap();
     });
 }
+
+/// Dropped with the supervised entry that captured it: looks the cluster up, which takes
+/// the registry lock.
+struct Probe(Arc<Cluster>, Arc<AtomicUsize>);
+impl Drop for Probe {
+    fn drop(&mut self) {
+        let _ = self.0.lookup("/anything");
+        self.1.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn an_entry_dropped_by_supervision_may_use_the_cluster() {
+    with_timeout(LIMIT, || {
+        let cluster = Arc::new(Cluster::single_node());
+        let dropped = Arc::new(AtomicUsize::new(0));
+        let probe = Probe(cluster.clone(), dropped.clone());
+        let r = cluster
+            .spawn_supervised("/once", Properties::new(), Restart::Transient, move |ctx| {
+                let _keep = &probe;
+                flaky(ctx)
+            })
+            .unwrap();
+        r.send(&2u8).unwrap(); // a normal return: not restarted, its record goes
+        assert_eq!(r.wait_down(T), Some(DownReason::Normal));
+        cluster
+            .join(T)
+            .expect("the supervision thread is not stuck");
+        assert_eq!(
+            dropped.load(Ordering::SeqCst),
+            1,
+            "the entry was dropped once"
+        );
+        cluster.shutdown();
+    });
+}
