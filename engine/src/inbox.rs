@@ -363,15 +363,40 @@ impl Inbox {
         request: &T,
         timeout: Duration,
     ) -> Result<Message<'_>, CallError> {
-        let id = match self.request(target, request) {
-            Ok(id) => id,
-            // A target known to be down: say why, as a call that was waiting would.
-            Err(SendError::Disconnected(())) if target.wait_down(Duration::ZERO).is_some() => {
-                return Err(CallError::TargetDown(target.wait_down(Duration::ZERO)))
-            }
-            Err(e) => return Err(e.into()),
-        };
-        self.wait_reply(id, timeout)
+        let sent = self.request(target, request);
+        self.await_call(target, sent, timeout)
+    }
+
+    /// [`call`](Self::call) with raw bytes and an application tag (as
+    /// [`request_bytes`](Self::request_bytes)).
+    pub fn call_bytes(
+        &self,
+        target: &IsolateRef,
+        tag: crate::TypeTag,
+        bytes: &[u8],
+        timeout: Duration,
+    ) -> Result<Message<'_>, CallError> {
+        let sent = self.request_bytes(target, tag, bytes);
+        self.await_call(target, sent, timeout)
+    }
+
+    /// The second half of a call: its reply, or why there is none. A target known to be
+    /// down when the request could not be sent is `TargetDown` with its reason, as a call
+    /// that was already waiting would report.
+    fn await_call(
+        &self,
+        target: &IsolateRef,
+        sent: Result<RequestId, SendError>,
+        timeout: Duration,
+    ) -> Result<Message<'_>, CallError> {
+        match sent {
+            Ok(id) => self.wait_reply(id, timeout),
+            Err(SendError::Disconnected(())) => match target.wait_down(Duration::ZERO) {
+                Some(why) => Err(CallError::TargetDown(Some(why))),
+                None => Err(CallError::Send(SendError::Disconnected(()))),
+            },
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Sends `request` to `target` without waiting: many requests can be outstanding at

@@ -1258,17 +1258,36 @@ pub unsafe extern "C" fn ic_send(
     data: *const c_void,
     len: usize,
 ) -> ic_error {
+    // SAFETY: the caller's contract is `send_raw`'s.
+    unsafe { send_raw(inbox, to, tag, data, len, false) }
+}
+
+/// `ic_send` (`only_try` false) and `ic_try_send` (true).
+///
+/// # Safety
+/// `data` is NULL with `len` 0, or points to `len` readable bytes.
+unsafe fn send_raw(
+    inbox: ic_inbox,
+    to: ic_isolate,
+    tag: u64,
+    data: *const c_void,
+    len: usize,
+    only_try: bool,
+) -> ic_error {
     guard(|| {
         check_tag(tag)?;
         let e = enter(inbox)?;
-        let p = e.inbox();
         let target = isolate(to)?;
         // SAFETY: `data` points to `len` readable bytes per the contract.
         let bytes = unsafe { bytes_arg(data, len) }?;
         // SAFETY: the inbox is entered: it stays open for this whole call.
-        unsafe { &*p }
-            .send_bytes(&target, tag, bytes)
-            .map_err(send_error)
+        let inb = unsafe { &*e.inbox() };
+        let sent = if only_try {
+            inb.try_send_bytes(&target, tag, bytes)
+        } else {
+            inb.send_bytes(&target, tag, bytes)
+        };
+        sent.map_err(send_error)
     })
 }
 
@@ -1281,18 +1300,8 @@ pub unsafe extern "C" fn ic_try_send(
     data: *const c_void,
     len: usize,
 ) -> ic_error {
-    guard(|| {
-        check_tag(tag)?;
-        let e = enter(inbox)?;
-        let p = e.inbox();
-        let target = isolate(to)?;
-        // SAFETY: `data` points to `len` readable bytes per the contract.
-        let bytes = unsafe { bytes_arg(data, len) }?;
-        // SAFETY: the inbox is entered: it stays open for this whole call.
-        unsafe { &*p }
-            .try_send_bytes(&target, tag, bytes)
-            .map_err(send_error)
-    })
+    // SAFETY: the caller's contract is `send_raw`'s.
+    unsafe { send_raw(inbox, to, tag, data, len, true) }
 }
 
 /// Moves a caller-owned buffer to the isolate without copying it: only the pointer
@@ -1523,19 +1532,8 @@ pub unsafe extern "C" fn ic_call(
         // SAFETY: `data` points to `len` readable bytes per the contract.
         let bytes = unsafe { bytes_arg(data, len) }?;
         // SAFETY: the inbox is entered: it stays open for this whole call.
-        let inb = unsafe { &*p };
-        let id = match inb.request_bytes(&target, tag, bytes) {
-            Ok(id) => id,
-            Err(SendError::Disconnected(())) => {
-                let why = target
-                    .wait_down(Duration::ZERO)
-                    .map_or_else(|| "the target has stopped".to_owned(), |r| r.to_string());
-                return err(IC_ERR_TARGET_DOWN, why);
-            }
-            Err(e) => return Err(send_error(e)),
-        };
-        let m = inb
-            .wait_reply(id, Duration::from_millis(timeout_ms))
+        let m = unsafe { &*p }
+            .call_bytes(&target, tag, bytes, Duration::from_millis(timeout_ms))
             .map_err(call_error)?;
         // SAFETY: `reply` is non-NULL and writable per the contract.
         hold(&e, Event::Message(m), unsafe { &mut *reply })

@@ -180,6 +180,14 @@ int main(void) {
     ic_cluster bad;
     EXPECT(ic_cluster_new(&cfg, &bad), IC_ERR_INVALID_ARGUMENT);
     CHECK(strstr(ic_last_error(), "wait_strategy") != NULL);
+    /* An explicit core list: NULL with a count is refused, one core works. */
+    EXPECT(ic_config_init(&cfg), IC_OK);
+    cfg.n_cores = 1;
+    EXPECT(ic_cluster_new(&cfg, &bad), IC_ERR_NULL);
+    size_t one_core[1] = {0};
+    cfg.cores = one_core;
+    EXPECT(ic_cluster_new(&cfg, &bad), IC_OK);
+    EXPECT(ic_cluster_free(bad), IC_OK);
     EXPECT(ic_config_init(&cfg), IC_OK);
     cfg.ring_capacity = 4096;
     cfg.core_policy = IC_CORES_UNPINNED;
