@@ -447,6 +447,18 @@ impl ClusterInner {
             .ok_or_else(|| LookupError::NotFound(path.to_owned()))
     }
 
+    /// Every live isolate (not other threads' endpoints), in spawn order.
+    pub(crate) fn live_isolates(&self) -> Vec<IsolateRef> {
+        let mut all: Vec<IsolateRef> = lock(&self.registry)
+            .by_id
+            .values()
+            .filter(|r| r.is_isolate() && r.is_alive())
+            .cloned()
+            .collect();
+        all.sort_by_key(IsolateRef::id);
+        all
+    }
+
     pub(crate) fn ref_by_id(&self, id: u32) -> Option<IsolateRef> {
         lock(&self.registry).by_id.get(&id).cloned()
     }
@@ -687,6 +699,10 @@ pub struct Cluster {
 }
 
 impl Cluster {
+    pub(crate) fn inner(&self) -> &Arc<ClusterInner> {
+        &self.inner
+    }
+
     /// A single-node cluster with the default configuration.
     pub fn single_node() -> Self {
         Self::builder().build()
@@ -787,6 +803,26 @@ impl Cluster {
     /// intensity, and the node shut down), if it did.
     pub fn failure(&self) -> Option<String> {
         lock(&self.inner.registry).failure.clone()
+    }
+
+    /// Sends a copy of `value` to every live isolate that `filter` accepts, from the
+    /// calling thread (see [`Inbox::broadcast`](crate::Inbox::broadcast)).
+    pub fn broadcast<T: crate::Payload>(
+        &self,
+        value: &T,
+        filter: impl Fn(&IsolateRef) -> bool,
+    ) -> crate::Broadcast {
+        let mut report = crate::Broadcast::default();
+        for r in self.inner.live_isolates() {
+            if !filter(&r) {
+                continue;
+            }
+            match r.send(value) {
+                Ok(()) => report.sent += 1,
+                Err(e) => report.failed.push((r, e)),
+            }
+        }
+        report
     }
 
     /// Looks up a live isolate by path.

@@ -584,6 +584,10 @@ pub(crate) enum Mode {
     Try,
     /// Wait (see [`LocalEndpoint::send`]).
     Block,
+    /// Never wait: a full ring spills the frame to the heap, where it keeps its place in
+    /// the link's FIFO order (for senders whose timing matters more than memory, such as
+    /// the task scheduler publishing results).
+    Spill,
 }
 
 /// An endpoint as its owner thread sees it.
@@ -844,8 +848,10 @@ impl LocalEndpoint {
             if waited.is_none() {
                 bump(&self.shared.counters.full);
             }
-            if mode == Mode::Try {
-                return Err(SendError::Full(()));
+            match mode {
+                Mode::Try => return Err(SendError::Full(())),
+                Mode::Spill => return self.spill(&mut out.links[i], header, src),
+                Mode::Block => {}
             }
             let start = *waited.get_or_insert_with(Instant::now);
             if link.target.wake.is_closed() {

@@ -397,6 +397,37 @@ impl Writer<RingError> for RingWriter {
     }
 }
 
+/// Serialises `value` into a byte vector, exactly as a copy send would into ring memory
+/// (for payloads nested inside other messages). Read the bytes back from 16-aligned
+/// memory.
+pub(crate) fn encode<T: crate::Payload>(value: &T) -> Result<Vec<u8>, RingError> {
+    let mut arena = Arena::new();
+    let mut buf = vec![0u8; 256];
+    loop {
+        // SAFETY: `MaybeUninit<u8>` has the layout of `u8`; the writer only ever stores
+        // initialised bytes through this view, so `buf` stays initialised.
+        let window = unsafe {
+            std::slice::from_raw_parts_mut(
+                buf.as_mut_ptr().cast::<std::mem::MaybeUninit<u8>>(),
+                buf.len(),
+            )
+        };
+        let writer = RingWriter::new(window);
+        match rkyv::api::high::to_bytes_in_with_alloc::<_, _, RingError>(
+            value,
+            writer,
+            Scratch::new(&mut arena),
+        ) {
+            Ok(w) => {
+                buf.truncate(w.pos());
+                return Ok(buf);
+            }
+            Err(RingError::NoRoom) if buf.len() < 1 << 31 => buf.resize(buf.len() * 2, 0),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// The scratch space rkyv serialises with: the endpoint's reusable arena, acquired only
 /// when a value's serialiser first asks for scratch memory (most payloads never do, and
 /// acquiring costs more than the rest of a small send). Users never build one; it

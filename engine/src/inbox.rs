@@ -202,6 +202,49 @@ impl Inbox {
         self.ep.cluster.watch(&self.ep.me);
     }
 
+    /// Sends a copy of `value` to every live isolate that `filter` accepts, except this
+    /// endpoint itself, in spawn order; waits while a ring is full, as [`send`](Self::send).
+    /// Isolates that stop meanwhile are reported in [`Broadcast::failed`], never skipped
+    /// silently. To address isolates by properties, filter with
+    /// [`Properties::matches`](crate::Properties::matches):
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use isolate_cluster::{Cluster, Event, Properties};
+    /// let cluster = Cluster::single_node();
+    /// for (path, role) in [("/a", "web"), ("/b", "db"), ("/c", "web")] {
+    ///     cluster.spawn(path, Properties::new().with("role", role), |ctx| {
+    ///         while let Some(Event::Message(m)) = ctx.recv() {
+    ///             let _ = m.reply(&format!("{} got {}", ctx.path(), m.get::<String>().unwrap()));
+    ///         }
+    ///     }).unwrap();
+    /// }
+    /// let mailbox = cluster.mailbox().unwrap();
+    /// let web = Properties::new().with("role", "web");
+    /// let sent = mailbox.broadcast(&"hello".to_string(), |r| r.properties().matches(&web));
+    /// assert_eq!((sent.sent, sent.failed.len()), (2, 0));
+    /// # for _ in 0..2 { assert!(matches!(mailbox.recv_timeout(Duration::from_secs(5)), Some(Event::Message(_)))); }
+    /// # cluster.shutdown();
+    /// # cluster.join(Duration::from_secs(5)).unwrap();
+    /// ```
+    pub fn broadcast<T: Payload>(
+        &self,
+        value: &T,
+        filter: impl Fn(&IsolateRef) -> bool,
+    ) -> crate::Broadcast {
+        let mut report = crate::Broadcast::default();
+        for r in self.ep.cluster.live_isolates() {
+            if r.id() == self.ep.me.id() || !filter(&r) {
+                continue;
+            }
+            match self.send(&r, value) {
+                Ok(()) => report.sent += 1,
+                Err(e) => report.failed.push((r, e)),
+            }
+        }
+        report
+    }
+
     /// Sends a copy of `value` to `target` from this endpoint (the fast path: no
     /// thread-local lookup). Waits while the ring is full.
     #[inline]

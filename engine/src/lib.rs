@@ -74,6 +74,7 @@ mod message;
 mod path;
 pub mod supervise;
 mod sync;
+pub mod task;
 #[cfg(loom)]
 #[doc(hidden)]
 pub mod wake;
@@ -89,7 +90,7 @@ pub use error::{
 pub use frame::{type_tag, TypeTag};
 pub use inbox::{Context, Inbox, Mailbox, RequestId};
 pub use isolate::{DownReason, IsolateRef, Placement};
-pub use message::{Event, Message, Replier};
+pub use message::{Broadcast, Event, Message, Replier};
 pub use path::{validate_path, Properties, PropertyValue};
 pub use supervise::{Restart, Strategy, Supervision};
 pub use work::{Worker, WorkerPool};

@@ -13,6 +13,16 @@ use crate::frame::{
 use crate::isolate::{DownReason, IsolateRef};
 use crate::Payload;
 
+/// What a broadcast did ([`Inbox::broadcast`](crate::Inbox::broadcast),
+/// [`Cluster::broadcast`](crate::Cluster::broadcast)).
+#[derive(Debug, Default)]
+pub struct Broadcast {
+    /// Isolates the message was delivered to (published into their rings).
+    pub sent: usize,
+    /// Isolates that matched but could not take it (most often: they stopped meanwhile).
+    pub failed: Vec<(IsolateRef, crate::SendError)>,
+}
+
 /// What a receive loop gets.
 pub enum Event<'a> {
     /// A message.

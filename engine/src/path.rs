@@ -171,6 +171,20 @@ impl Properties {
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
+
+    /// Whether every property of `pattern` is here with an equal value (an empty pattern
+    /// matches everything): the filter of a broadcast to isolates by properties.
+    ///
+    /// ```
+    /// use isolate_cluster::Properties;
+    /// let p = Properties::new().with("role", "web").with("shard", 3);
+    /// assert!(p.matches(&Properties::new().with("role", "web")));
+    /// assert!(!p.matches(&Properties::new().with("role", "web").with("shard", 4)));
+    /// assert!(p.matches(&Properties::new()));
+    /// ```
+    pub fn matches(&self, pattern: &Properties) -> bool {
+        pattern.iter().all(|(k, v)| self.get(k) == Some(v))
+    }
 }
 
 impl<K: Into<String>, V: Into<PropertyValue>, const N: usize> From<[(K, V); N]> for Properties {
