@@ -9,6 +9,8 @@
 //!   [`start`](Scheduler::start) spawns the scheduler isolate at a path; delays and
 //!   periods count from then. Tasks run one at a time on that isolate's thread, so a
 //!   long task delays the others (hand heavy work to a [`WorkerPool`](crate::WorkerPool)).
+//!   A task must not call its own scheduler and wait for the answer: the scheduler is
+//!   busy running that task, so the call times out.
 //! - Everything else goes through a [`TaskClient`], which any isolate or thread gets with
 //!   [`TaskClient::connect`] (a lookup by path with a timeout, like the seed's
 //!   `client.connect(timeout:)`). Its requests and the results it gets back are plain
@@ -1188,6 +1190,8 @@ struct State<'c> {
     runs: u64,
     failed: u64,
     rejected: u64,
+    /// Asked to stop: no more scheduled runs; waiting requests are still answered.
+    stopping: bool,
 }
 
 fn scheduler_main(ctx: &Context, defs: Scheduler) {
@@ -1204,6 +1208,7 @@ fn scheduler_main(ctx: &Context, defs: Scheduler) {
         runs: 0,
         failed: 0,
         rejected: 0,
+        stopping: false,
     };
     let now = Instant::now();
     for (id, spec) in defs.specs {
@@ -1211,7 +1216,12 @@ fn scheduler_main(ctx: &Context, defs: Scheduler) {
     }
     loop {
         st.run_due();
-        let ev = match st.next_deadline() {
+        let next = if st.stopping {
+            None
+        } else {
+            st.next_deadline()
+        };
+        let ev = match next {
             Some(d) => {
                 let now = Instant::now();
                 let wake = d.checked_sub(precision).unwrap_or(d);
@@ -1227,8 +1237,7 @@ fn scheduler_main(ctx: &Context, defs: Scheduler) {
             None => ctx.recv(),
         };
         match ev {
-            Some(Event::Message(m)) => st.handle(m),
-            Some(_) => {}
+            Some(ev) => st.event(ev),
             None if ctx.is_finished() => break,
             None => {}
         }
@@ -1290,7 +1299,7 @@ impl State<'_> {
     /// were scheduled), answering waiting requests between runs.
     fn run_due(&mut self) {
         while let Some(at) = self.next_deadline() {
-            if at > Instant::now() {
+            if self.stopping || at > Instant::now() {
                 return;
             }
             let Some(Reverse((_, _, id))) = self.heap.pop() else {
@@ -1298,10 +1307,17 @@ impl State<'_> {
             };
             self.run_scheduled(id, at);
             while let Some(ev) = self.ctx.try_recv() {
-                if let Event::Message(m) = ev {
-                    self.handle(m);
-                }
+                self.event(ev);
             }
+        }
+    }
+
+    fn event(&mut self, ev: Event<'_>) {
+        match ev {
+            Event::Message(m) => self.handle(m),
+            // `Context::recv` has already stopped the isolate (its default handler).
+            Event::ShutdownRequested => self.stopping = true,
+            _ => {}
         }
     }
 
@@ -1514,6 +1530,7 @@ impl State<'_> {
             }
             ArchivedRequest::List => Reply::Tasks(self.list()),
             ArchivedRequest::Stop => {
+                self.stopping = true;
                 self.ctx.shutdown_isolate();
                 Reply::Stopping
             }
@@ -1668,5 +1685,58 @@ fn reduce_timer_slack() {
     // the calling thread; no memory is passed.
     unsafe {
         libc::prctl(libc::PR_SET_TIMERSLACK, 1000 as libc::c_ulong);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Argument bytes that are not what they claim to be (as from a hostile or broken
+    /// peer) are refused after validation; the task never runs. Messages that are not
+    /// scheduler requests get an error reply.
+    #[test]
+    fn forged_requests_are_refused() {
+        let cluster = Cluster::single_node();
+        let mut scheduler = Scheduler::new();
+        scheduler
+            .named::<String, _, _>("greet", |_t, s: &rkyv::string::ArchivedString| {
+                Ok::<u64, String>(s.len() as u64)
+            })
+            .unwrap();
+        let client = scheduler.start(&cluster, "/scheduler").unwrap();
+        let mailbox = cluster.mailbox().unwrap();
+        let t = Duration::from_secs(20);
+        // An out-of-line string whose length and offset point far past its bytes (0xff
+        // would be valid: it pads inline strings).
+        let mut bytes = crate::frame::encode(&"x".repeat(40)).unwrap();
+        let forged = Request::Run {
+            name: "greet".into(),
+            args_type: type_name::<String>().into(),
+            args: {
+                bytes.iter_mut().for_each(|b| *b = 0x80);
+                bytes
+            },
+        };
+        let err = client
+            .exchange(&mailbox, &forged, t, |r| match r {
+                ArchivedReply::Done(w) => Some(format!("ran: {}", w.error)),
+                _ => Some("other".to_string()),
+            })
+            .unwrap_err();
+        assert!(matches!(err, TaskError::InvalidArguments(_)), "{err}");
+        let status = client.status(&mailbox, t).unwrap();
+        assert_eq!((status.runs, status.failed), (0, 0));
+
+        let e = mailbox.call(client.scheduler(), &3u64, t).unwrap_err();
+        assert!(
+            matches!(e, CallError::Remote(ref m) if m.starts_with("not a scheduler request")),
+            "{e}"
+        );
+        // Still serving.
+        let r = client.run(&mailbox, "greet", &"abc".to_string(), t).unwrap();
+        assert_eq!(*r.value::<u64>().unwrap(), 3);
+        cluster.shutdown();
+        cluster.join(t).unwrap();
     }
 }
