@@ -76,7 +76,11 @@ fn main() {
                     .expect("run greet");
                 println!(
                     "/app/0: greet {} -> {}",
-                    if result.successful { "succeeded" } else { "failed" },
+                    if result.successful {
+                        "succeeded"
+                    } else {
+                        "failed"
+                    },
                     result.value::<String>().expect("a String").as_str()
                 );
                 // Then waits for broadcasts.
@@ -93,7 +97,9 @@ fn main() {
 
     // The first result of the fibonacci task's results stream.
     let mailbox = cluster.mailbox().expect("mailbox");
-    client.subscribe(&mailbox, "fibonacci", T).expect("subscribe");
+    client
+        .subscribe(&mailbox, "fibonacci", T)
+        .expect("subscribe");
     let fib13 = loop {
         match mailbox.recv_timeout(T) {
             Some(Event::Message(m)) => {
@@ -110,7 +116,9 @@ fn main() {
         fib13.run,
         fib13.lateness
     );
-    client.unsubscribe(&mailbox, "fibonacci", T).expect("unsubscribe");
+    client
+        .unsubscribe(&mailbox, "fibonacci", T)
+        .expect("unsubscribe");
 
     // Let the one-off and the periodic task finish, then broadcast to every app isolate.
     std::thread::sleep(Duration::from_millis(500));

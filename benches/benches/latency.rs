@@ -3,7 +3,8 @@
 //!
 //! `cargo bench --bench latency` (full, under 10 minutes on 2 cores);
 //! `IC_BENCH_QUICK=1 cargo bench --bench latency` (quick, under a minute);
-//! `IC_BENCH_GROUP=core` runs one group of cases only (core, payload, wake or rate).
+//! `IC_BENCH_GROUP=core` runs one group of cases only (core, payload, wake or rate; `task`
+//! runs only the scheduler section).
 //! The report folder's path is printed at the end.
 
 use isolate_cluster_benches::cases;
@@ -182,10 +183,10 @@ fn main() {
         );
     }
 
-    let scale = if only.is_some() {
-        String::new()
-    } else {
-        cases::scale(cfg) + &cases::jobs(cfg)
+    let scale = match only.as_deref() {
+        None => cases::scale(cfg) + &cases::jobs(cfg) + &cases::tasks(cfg),
+        Some("task") => cases::tasks(cfg),
+        Some(_) => String::new(),
     };
 
     let dir = report::new_dir().expect("report folder");

@@ -855,6 +855,123 @@ pub fn jobs(cfg: Config) -> String {
     md
 }
 
+/// The task scheduler: the round trip of `run(name)` for a trivial task next to a plain
+/// `call` to an echo isolate (same cluster, same thread, same run), and the lateness of
+/// a 1 ms periodic task, sleeping until each deadline and spinning the last 100 µs.
+pub fn tasks(cfg: Config) -> String {
+    use isolate_cluster::task::{Scheduler, TaskSpec};
+    use std::sync::Mutex;
+    let t = Duration::from_secs(10);
+    let n = if cfg.quick { 2_000 } else { 20_000 };
+    let cluster = Cluster::single_node();
+    let mut scheduler = Scheduler::new();
+    scheduler
+        .add(TaskSpec::on_demand("trivial").run(|t| Ok::<u64, String>(t.run())))
+        .expect("task");
+    let client = scheduler.start(&cluster, "/scheduler").expect("start");
+    let echo = cluster
+        .spawn("/echo", Properties::new(), |ctx| {
+            while let Some(Event::Message(m)) = ctx.recv() {
+                let _ = m.reply(&*m.get::<u64>().expect("u64"));
+            }
+        })
+        .expect("echo");
+    let mailbox = cluster.mailbox().expect("mailbox");
+    // One loop each (interleaved, each would find the other server asleep).
+    let mut by_name = histogram();
+    for i in 0..(n + n / 5) {
+        let s = Instant::now();
+        let r = client.run(&mailbox, "trivial", &(), t).expect("run");
+        assert!(r.successful);
+        if i >= n / 5 {
+            record_since(&mut by_name, s);
+        }
+    }
+    let mut plain = histogram();
+    for i in 0..(n + n / 5) {
+        let s = Instant::now();
+        drop(mailbox.call(&echo, &(i as u64), t).expect("call"));
+        if i >= n / 5 {
+            record_since(&mut plain, s);
+        }
+    }
+    client.stop(&mailbox, t).expect("stop");
+
+    let runs = if cfg.quick { 300 } else { 3_000 };
+    let mut lateness = Vec::new();
+    for spin in [Duration::ZERO, Duration::from_micros(100)] {
+        let h = Arc::new(Mutex::new(histogram()));
+        let done = Arc::new(AtomicBool::new(false));
+        let (h2, done2) = (h.clone(), done.clone());
+        let mut scheduler = Scheduler::new().precision(spin);
+        scheduler
+            .every(Duration::from_millis(1), move |t| {
+                record(&mut h2.lock().expect("histogram"), t.lateness());
+                if t.run() == runs {
+                    done2.store(true, Ordering::Release);
+                    t.cancel();
+                }
+            })
+            .expect("periodic");
+        let client = scheduler.start(&cluster, "/periodic").expect("start");
+        while !done.load(Ordering::Acquire) {
+            thread::sleep(Duration::from_millis(10));
+        }
+        client.stop(&mailbox, t).expect("stop");
+        let h = h.lock().expect("histogram").clone();
+        lateness.push((spin, h));
+    }
+    drop(mailbox);
+    cluster.shutdown();
+    cluster.join(t).expect("stop");
+
+    let q = |h: &Histogram<u64>, p: f64| crate::report::ns(h.value_at_quantile(p));
+    let mut md = String::from("## Task scheduler\n\n");
+    let _ = writeln!(
+        md,
+        "| {n} round trips from a mailbox thread | p50 | p99 | max |"
+    );
+    let _ = writeln!(md, "|---|---:|---:|---:|");
+    for (name, h) in [
+        ("`TaskClient::run(\"trivial\")`", &by_name),
+        ("`Inbox::call` to an echo isolate", &plain),
+    ] {
+        let _ = writeln!(
+            md,
+            "| {name} | {} | {} | {} |",
+            q(h, 0.5),
+            q(h, 0.99),
+            crate::report::ns(h.max())
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\n`run(name)` / `call` p50: {:.2}×.\n",
+        by_name.value_at_quantile(0.5) as f64 / plain.value_at_quantile(0.5).max(1) as f64
+    );
+    let _ = writeln!(
+        md,
+        "| 1 ms periodic task, {runs} runs: lateness | p50 | p99 | max |"
+    );
+    let _ = writeln!(md, "|---|---:|---:|---:|");
+    for (spin, h) in &lateness {
+        let name = if spin.is_zero() {
+            "sleeps until each deadline".to_owned()
+        } else {
+            format!("sleeps, then spins the last {} µs", spin.as_micros())
+        };
+        let _ = writeln!(
+            md,
+            "| {name} | {} | {} | {} |",
+            q(h, 0.5),
+            q(h, 0.99),
+            crate::report::ns(h.max())
+        );
+    }
+    md.push('\n');
+    md
+}
+
 /// The request/reply ping-pong of [`call`] written in C against the C API
 /// (`benches/c/call_bench.c`), on the same cores. The library is built by a nested
 /// `cargo build --release -p isolate-cluster-ffi` into `target/ffi-bench` (the running

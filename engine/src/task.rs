@@ -327,9 +327,7 @@ impl TaskResult {
     }
 
     fn from_wire(w: &ArchivedResultWire) -> Self {
-        let opt = |s: &rkyv::string::ArchivedString| {
-            (!s.is_empty()).then(|| s.as_str().to_owned())
-        };
+        let opt = |s: &rkyv::string::ArchivedString| (!s.is_empty()).then(|| s.as_str().to_owned());
         Self {
             task: w.task.to_native(),
             name: opt(&w.name),
@@ -1436,13 +1434,14 @@ impl State<'_> {
     fn publish(&mut self, e: &mut Entry, wire: &ResultWire) {
         let ep = self.ctx.ep();
         let route = Route::plain(ep.shared.id);
-        e.subscribers
-            .retain(|s| match ep.send_copy(Target::Ref(s), wire, route, Mode::Spill) {
+        e.subscribers.retain(
+            |s| match ep.send_copy(Target::Ref(s), wire, route, Mode::Spill) {
                 Ok(()) => true,
                 Err(SendError::Disconnected(())) | Err(SendError::UnknownTarget(())) => false,
                 // Too large or unserialisable: a bug in the value, not the subscriber.
                 Err(_) => true,
-            });
+            },
+        );
     }
 
     fn find(&self, key: &ArchivedWireKey) -> Option<u64> {
@@ -1519,14 +1518,16 @@ impl State<'_> {
             },
             ArchivedRequest::Unsubscribe(key) => {
                 let who = m.sender_id();
-                Reply::Unsubscribed(match self.find(key).and_then(|id| self.tasks.get_mut(&id)) {
-                    Some(e) => {
-                        let before = e.subscribers.len();
-                        e.subscribers.retain(|s| s.id() != who);
-                        e.subscribers.len() < before
-                    }
-                    None => false,
-                })
+                Reply::Unsubscribed(
+                    match self.find(key).and_then(|id| self.tasks.get_mut(&id)) {
+                        Some(e) => {
+                            let before = e.subscribers.len();
+                            e.subscribers.retain(|s| s.id() != who);
+                            e.subscribers.len() < before
+                        }
+                        None => false,
+                    },
+                )
             }
             ArchivedRequest::List => Reply::Tasks(self.list()),
             ArchivedRequest::Stop => {
@@ -1641,7 +1642,9 @@ fn deadline(origin: Instant, period: Duration, k: u64) -> Instant {
     let offset = period
         .checked_mul(u32::try_from(k).unwrap_or(u32::MAX))
         .unwrap_or(Duration::MAX);
-    origin.checked_add(offset).unwrap_or(origin + Duration::from_secs(1 << 40))
+    origin
+        .checked_add(offset)
+        .unwrap_or(origin + Duration::from_secs(1 << 40))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1734,7 +1737,9 @@ mod tests {
             "{e}"
         );
         // Still serving.
-        let r = client.run(&mailbox, "greet", &"abc".to_string(), t).unwrap();
+        let r = client
+            .run(&mailbox, "greet", &"abc".to_string(), t)
+            .unwrap();
         assert_eq!(*r.value::<u64>().unwrap(), 3);
         cluster.shutdown();
         cluster.join(t).unwrap();

@@ -57,7 +57,10 @@ fn nothing_runs_before_start_then_one_offs_run_in_deadline_order() {
                 .unwrap();
         }
         std::thread::sleep(Duration::from_millis(100));
-        assert!(order.lock().unwrap().is_empty(), "nothing runs before start");
+        assert!(
+            order.lock().unwrap().is_empty(),
+            "nothing runs before start"
+        );
         let client = scheduler.start(&cluster, "/scheduler").unwrap();
         eventually("five runs", || order.lock().unwrap().len() == 5);
         assert_eq!(*order.lock().unwrap(), ["now", "a1", "a2", "b", "c"]);
@@ -143,9 +146,10 @@ fn failing_tasks_give_failed_results_and_the_scheduler_keeps_running() {
         let cluster = Cluster::single_node();
         let mut scheduler = Scheduler::new();
         scheduler
-            .add(TaskSpec::on_demand("panics").run(|_t| -> Result<u64, String> {
-                panic!("boom in a task")
-            }))
+            .add(
+                TaskSpec::on_demand("panics")
+                    .run(|_t| -> Result<u64, String> { panic!("boom in a task") }),
+            )
             .unwrap();
         scheduler
             .add(TaskSpec::on_demand("errs").run(|_t| Err::<u64, _>("nope")))
@@ -262,7 +266,10 @@ fn definitions_are_checked_when_added() {
                 .run_with::<u64, _, _>(|_t, _n| ()),
         )
         .unwrap_err();
-    assert!(matches!(e, TaskError::WrongArguments { ref found, .. } if found == "()"), "{e}");
+    assert!(
+        matches!(e, TaskError::WrongArguments { ref found, .. } if found == "()"),
+        "{e}"
+    );
     let e = s
         .add(
             TaskSpec::every(Duration::from_secs(1))
@@ -456,7 +463,10 @@ fn periodic_deadlines_do_not_drift() {
             let gap = w[1] - w[0];
             // Exactly on the grid: one period, or a whole number of them if the machine
             // stalled the scheduler past a deadline (skipped).
-            assert!(gap >= period && gap.as_nanos() % period.as_nanos() == 0, "{gap:?}");
+            assert!(
+                gap >= period && gap.as_nanos() % period.as_nanos() == 0,
+                "{gap:?}"
+            );
         }
         drop(log);
         finish(cluster);
@@ -490,7 +500,10 @@ fn clients_in_isolates_connect_with_a_timeout_and_run_by_name() {
         scheduler.start(&cluster, "/scheduler").unwrap();
         match mailbox.recv_timeout(T) {
             Some(Event::Message(m)) => {
-                assert_eq!(m.get::<String>().unwrap().as_str(), "greet ran from an isolate")
+                assert_eq!(
+                    m.get::<String>().unwrap().as_str(),
+                    "greet ran from an isolate"
+                )
             }
             other => panic!("{other:?}"),
         }
@@ -558,7 +571,10 @@ fn tasks_added_after_start_and_run_after_stop() {
         );
         let list = client.tasks(&mailbox, T).unwrap();
         assert_eq!(list.len(), 1);
-        assert_eq!((list[0].id, list[0].runs, list[0].next_in), (task.id, 2, None));
+        assert_eq!(
+            (list[0].id, list[0].runs, list[0].next_in),
+            (task.id, 2, None)
+        );
         assert_eq!(list[0].kind, "once");
 
         client.stop(&mailbox, T).unwrap();
