@@ -872,7 +872,7 @@ pub fn tasks(cfg: Config) -> String {
     let echo = cluster
         .spawn("/echo", Properties::new(), |ctx| {
             while let Some(Event::Message(m)) = ctx.recv() {
-                let _ = m.reply(&*m.get::<u64>().expect("u64"));
+                let _ = m.reply(&m.get::<u64>().expect("u64").to_native());
             }
         })
         .expect("echo");

@@ -77,7 +77,7 @@ pub const FLAG_RAW: u8 = 8;
 pub enum FrameKind {
     /// An rkyv archive (or raw bytes), read in place by the receiver.
     Copy = 1,
-    /// An owned pointer moved through the ring: [`TransferPayload`].
+    /// An owned pointer moved through the ring (a pointer and its drop function, 16 bytes).
     Transfer = 2,
     /// Padding to the end of the ring; `len` counts the cells to skip.
     Skip = 3,

@@ -204,7 +204,7 @@ impl Inbox {
 
     /// Sends a copy of `value` to every live isolate that `filter` accepts, except this
     /// endpoint itself, in spawn order; waits while a ring is full, as [`send`](Self::send).
-    /// Isolates that stop meanwhile are reported in [`Broadcast::failed`], never skipped
+    /// Isolates that stop meanwhile are reported in [`Broadcast::failed`](crate::Broadcast::failed), never skipped
     /// silently. To address isolates by properties, filter with
     /// [`Properties::matches`](crate::Properties::matches):
     ///

@@ -27,6 +27,9 @@
 //!   [`Cluster::spawn_supervised`] are restarted by their parent per [`Restart`] and the
 //!   parent's [`Supervision`] (one-for-one, one-for-all, rest-for-one, restart intensity,
 //!   escalation up to the node). See [`supervise`].
+//! - **Tasks.** The [`task`] module's scheduler runs one-off, periodic (on absolute
+//!   deadlines: no drift) and named tasks on an isolate; any isolate or thread runs them by
+//!   name, subscribes to their results or cancels them through a [`task::TaskClient`].
 //! - **Shutdown never hangs.** [`Cluster::shutdown`] asks every isolate to stop, children
 //!   before parents; each drains what was sent before it stopped. Dropping the
 //!   [`Cluster`] waits a bounded time.

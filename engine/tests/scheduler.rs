@@ -343,14 +343,12 @@ fn fib(n: u64) -> u64 {
     }
 }
 
+/// Per run: its number, deadline, end and lateness.
+type RunLog = Arc<Mutex<Vec<(u64, Instant, Instant, Duration)>>>;
+
 /// Records each run's deadline; the first run sleeps `stall` (the scheduler is busy past
 /// later deadlines).
-fn stalling_task(
-    missed: Missed,
-    period: Duration,
-    stall: Duration,
-    log: Arc<Mutex<Vec<(u64, Instant, Instant, Duration)>>>,
-) -> TaskSpec {
+fn stalling_task(missed: Missed, period: Duration, stall: Duration, log: RunLog) -> TaskSpec {
     TaskSpec::every(period)
         .name("stall")
         .missed(missed)
