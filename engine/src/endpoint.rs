@@ -847,6 +847,22 @@ impl LocalEndpoint {
             }
             if waited.is_none() {
                 bump(&self.shared.counters.full);
+                // A frame that can never fit must not wait for space (nor be reported as
+                // `Full`): the ring only says so when it is empty, so find out now, once
+                // per send, by building the frame off the ring. Transfers always fit.
+                if header.kind != FrameKind::Transfer {
+                    let cap = link.capacity();
+                    match OwnedFrame::build(header, src, cap) {
+                        Ok(_) => {}
+                        Err(RingError::NoRoom) => {
+                            return Err(SendError::TooLarge {
+                                value: (),
+                                capacity: cap * CELL_BYTES,
+                            })
+                        }
+                        Err(RingError::Failed) => return Err(SendError::Serialize(())),
+                    }
+                }
             }
             match mode {
                 Mode::Try => return Err(SendError::Full(())),

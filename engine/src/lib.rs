@@ -70,6 +70,8 @@ mod cluster;
 mod endpoint;
 mod error;
 pub mod frame;
+#[doc(hidden)]
+pub mod fuzzing;
 mod inbox;
 mod isolate;
 mod link;

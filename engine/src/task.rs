@@ -64,7 +64,7 @@ use crate::error::{CallError, PathError, SendError, SpawnError};
 use crate::frame::type_tag;
 use crate::inbox::{Context, ExitSignal, Inbox};
 use crate::isolate::IsolateRef;
-use crate::message::{Event, Message};
+use crate::message::{Event, Message, Replier};
 use crate::path::Properties;
 use crate::{Cluster, Payload};
 
@@ -581,6 +581,7 @@ pub struct TaskContext<'a> {
     run: u64,
     scheduled: Instant,
     started: Instant,
+    missed: u64,
     cancel: bool,
 }
 
@@ -600,9 +601,15 @@ impl TaskContext<'_> {
         self.run
     }
 
-    /// The deadline of this run (the time it was asked for, for runs on demand).
+    /// The deadline of this run (for runs on demand: when the scheduler took the request
+    /// up).
     pub fn scheduled_for(&self) -> Instant {
         self.scheduled
+    }
+
+    /// Periodic deadlines skipped just before this run ([`Missed::Skip`]).
+    pub fn missed(&self) -> u64 {
+        self.missed
     }
 
     /// How late this run started.
@@ -870,6 +877,7 @@ enum Reply {
     Unsubscribed(bool),
     Tasks(Vec<InfoWire>),
     Added(u64),
+    Duplicate(String),
     Refused(String),
     Stopping,
 }
@@ -889,6 +897,7 @@ impl ArchivedReply {
                 found: found.as_str().to_owned(),
             },
             Self::InvalidArgs(e) => TaskError::InvalidArguments(e.as_str().to_owned()),
+            Self::Duplicate(n) => TaskError::DuplicateName(n.as_str().to_owned()),
             Self::Refused(e) => TaskError::Protocol(e.as_str().to_owned()),
             _ => return None,
         })
@@ -1018,8 +1027,9 @@ impl TaskClient {
 
     /// Subscribes the caller (the endpoint behind `inbox`) to a task's results: every
     /// later run's result arrives as a message; read it with
-    /// [`TaskResult::from_message`]. Results are never dropped: while the caller's ring
-    /// is full they wait in the scheduler's memory. Returns the task's id.
+    /// [`TaskResult::from_message`]. A full ring never loses a result: it waits in the
+    /// scheduler's memory; a result too large for the ring arrives without its value,
+    /// failed, with an error saying so. Returns the task's id.
     pub fn subscribe(
         &self,
         inbox: &Inbox,
@@ -1076,7 +1086,6 @@ impl TaskClient {
                 id: id.to_native(),
                 name,
             }),
-            ArchivedReply::Refused(_) => Err(TaskError::DuplicateName(name.unwrap_or_default())),
             other => Err(other
                 .error()
                 .unwrap_or_else(|| TaskError::Protocol("unexpected reply".into()))),
@@ -1135,8 +1144,10 @@ impl TaskClient {
         inbox.broadcast(value, |r| r.properties().matches(filter))
     }
 
-    /// Stops the scheduler: requests already sent are answered, scheduled runs not yet
-    /// due never happen, later requests fail with [`TaskError::Stopped`].
+    /// Stops the scheduler: scheduled runs not yet due never happen; requests already
+    /// waiting in its inbox are still answered (a run asked for then still happens; a
+    /// task added then never runs); once it has stopped, requests fail with
+    /// [`TaskError::Stopped`].
     pub fn stop(&self, inbox: &Inbox, timeout: Duration) -> Result<(), TaskError> {
         self.exchange(inbox, &Request::Stop, timeout, |r| {
             matches!(r, ArchivedReply::Stopping).then_some(())
@@ -1264,9 +1275,9 @@ impl State<'_> {
         };
         match e.schedule {
             Schedule::OnDemand => {}
-            Schedule::Once(delay) => self.schedule(&mut e, id, now + delay),
+            Schedule::Once(delay) => self.schedule(&mut e, id, later(now, delay)),
             Schedule::Every { first, .. } => {
-                e.origin = now + first;
+                e.origin = later(now, first);
                 let at = e.origin;
                 self.schedule(&mut e, id, at);
             }
@@ -1382,8 +1393,10 @@ impl State<'_> {
             run,
             scheduled,
             started,
+            missed: e.skipped,
             cancel: false,
         };
+        CAPTURED.with(|c| c.borrow_mut().take());
         CAPTURE.with(|c| c.set(true));
         let outcome = catch_unwind(AssertUnwindSafe(|| (e.body)(&mut t, args)));
         CAPTURE.with(|c| c.set(false));
@@ -1434,14 +1447,18 @@ impl State<'_> {
     fn publish(&mut self, e: &mut Entry, wire: &ResultWire) {
         let ep = self.ctx.ep();
         let route = Route::plain(ep.shared.id);
-        e.subscribers.retain(
-            |s| match ep.send_copy(Target::Ref(s), wire, route, Mode::Spill) {
-                Ok(()) => true,
-                Err(SendError::Disconnected(())) | Err(SendError::UnknownTarget(())) => false,
-                // Too large or unserialisable: a bug in the value, not the subscriber.
-                Err(_) => true,
-            },
-        );
+        e.subscribers.retain(|s| {
+            let mut sent = ep.send_copy(Target::Ref(s), wire, route, Mode::Spill);
+            if let Err(SendError::TooLarge { capacity, .. }) = sent {
+                let why =
+                    format!("the result is larger than the subscriber's ring ({capacity} bytes)");
+                sent = ep.send_copy(Target::Ref(s), &shrink(wire, &why), route, Mode::Spill);
+            }
+            !matches!(
+                sent,
+                Err(SendError::Disconnected(())) | Err(SendError::UnknownTarget(()))
+            )
+        });
     }
 
     fn find(&self, key: &ArchivedWireKey) -> Option<u64> {
@@ -1456,8 +1473,10 @@ impl State<'_> {
 
     fn handle(&mut self, mut m: Message<'_>) {
         if let Ok(spec) = m.take::<TaskSpec>() {
+            let replier = m.replier();
+            drop(m);
             let reply = self.add_running(*spec);
-            let _ = m.reply(&reply);
+            self.answer(&replier, &reply);
             return;
         }
         let request = match m.get_checked::<Request>() {
@@ -1483,7 +1502,7 @@ impl State<'_> {
                 drop(m);
                 let reply = self.run_on_demand(&name, &args_type, &args);
                 if asked {
-                    let _ = self.ctx.reply(&replier, &reply);
+                    self.answer(&replier, &reply);
                 } else if !matches!(reply, Reply::Done(_)) {
                     self.rejected += 1;
                 }
@@ -1507,6 +1526,7 @@ impl State<'_> {
             ArchivedRequest::Subscribe(key) => match (self.find(key), m.sender()) {
                 (Some(id), Some(who)) => {
                     if let Some(e) = self.tasks.get_mut(&id) {
+                        e.subscribers.retain(IsolateRef::is_alive);
                         if !e.subscribers.iter().any(|s| s.id() == who.id()) {
                             e.subscribers.push(who);
                         }
@@ -1537,14 +1557,47 @@ impl State<'_> {
             }
         };
         if m.is_request() {
-            let _ = m.reply(&reply);
+            let replier = m.replier();
+            drop(m);
+            self.answer(&replier, &reply);
+        }
+    }
+
+    /// Sends an answer without ever waiting (a caller that stopped reading must not stall
+    /// the scheduler: the answer waits in memory). An answer too large for the caller's
+    /// ring goes as a result without its value, or as an error saying so.
+    fn answer(&self, to: &Replier, reply: &Reply) {
+        let ep = self.ctx.ep();
+        let send = |value: &Reply| {
+            ep.send_copy(
+                Target::Id(to.reply_to),
+                value,
+                to.route(ep.shared.id, 0),
+                Mode::Spill,
+            )
+        };
+        if let Err(SendError::TooLarge { capacity, .. }) = send(reply) {
+            let why = format!("the answer is larger than the caller's ring ({capacity} bytes)");
+            let _ = match reply {
+                Reply::Done(w) => send(&Reply::Done(shrink(w, &why))),
+                _ => ep.send_copy(
+                    Target::Id(to.reply_to),
+                    &why,
+                    to.route(ep.shared.id, crate::frame::FLAG_ERROR),
+                    Mode::Spill,
+                ),
+            };
         }
     }
 
     fn add_running(&mut self, spec: TaskSpec) -> Reply {
+        // Clients check before sending; a spec moved here some other way is checked too.
+        if let Err(e) = validate(&spec) {
+            return Reply::Refused(e.to_string());
+        }
         if let Some(n) = &spec.name {
             if self.names.contains_key(n) {
-                return Reply::Refused(format!("a task named {n:?} already exists"));
+                return Reply::Duplicate(n.clone());
             }
         }
         let id = self.next_id;
@@ -1614,6 +1667,27 @@ impl State<'_> {
     }
 }
 
+/// A result that did not fit a ring, without its value and backtrace, saying why.
+fn shrink(w: &ResultWire, why: &str) -> ResultWire {
+    let mut error: String = w.error.chars().take(1024).collect();
+    if !error.is_empty() {
+        error.push_str("; ");
+    }
+    error.push_str(why);
+    ResultWire {
+        task: w.task,
+        name: w.name.chars().take(256).collect(),
+        run: w.run,
+        successful: false,
+        error,
+        backtrace: String::new(),
+        lateness_ns: w.lateness_ns,
+        missed: w.missed,
+        value_type: String::new(),
+        value: Vec::new(),
+    }
+}
+
 /// The result of a scheduled run whose stored arguments were refused.
 fn failed_run(id: u64, e: &Entry, why: String) -> ResultWire {
     ResultWire {
@@ -1637,14 +1711,19 @@ fn key_text(key: &ArchivedWireKey) -> String {
     }
 }
 
-/// Deadline `k` of a periodic task.
+/// Deadline `k` of a periodic task (exact: computed in nanoseconds, never wrapping).
 fn deadline(origin: Instant, period: Duration, k: u64) -> Instant {
-    let offset = period
-        .checked_mul(u32::try_from(k).unwrap_or(u32::MAX))
-        .unwrap_or(Duration::MAX);
-    origin
-        .checked_add(offset)
-        .unwrap_or(origin + Duration::from_secs(1 << 40))
+    let nanos = period.as_nanos().saturating_mul(u128::from(k));
+    let secs = u64::try_from(nanos / 1_000_000_000).unwrap_or(u64::MAX);
+    let offset = Duration::new(secs, (nanos % 1_000_000_000) as u32);
+    later(origin, offset)
+}
+
+/// `now + d`, or a time so far ahead that it never comes when that does not fit.
+fn later(now: Instant, d: Duration) -> Instant {
+    now.checked_add(d)
+        .or_else(|| now.checked_add(Duration::from_secs(1 << 40)))
+        .unwrap_or(now)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1658,9 +1737,14 @@ thread_local! {
     static CAPTURED: RefCell<Option<String>> = const { RefCell::new(None) };
 }
 
+/// Backtraces are cut to this many bytes, so a result with one fits a ring.
+const MAX_BACKTRACE: usize = 16 << 10;
+
 /// Installs (once per process) a panic hook that, on a thread running a task body,
 /// records where the panic happened and its backtrace for the task's result instead of
-/// printing them; on every other thread it defers to the hook that was there before.
+/// printing them; on every other thread it defers to the hook that was there before. A
+/// hook set later by the application replaces it: panicking tasks then still fail with
+/// their message, without a backtrace.
 fn install_panic_hook() {
     static HOOK: Once = Once::new();
     HOOK.call_once(|| {
@@ -1674,7 +1758,15 @@ fn install_panic_hook() {
                 .location()
                 .map(|l| format!("at {}:{}:{}\n", l.file(), l.line(), l.column()))
                 .unwrap_or_default();
-            let text = format!("{place}{}", Backtrace::force_capture());
+            let mut text = format!("{place}{}", Backtrace::force_capture());
+            if text.len() > MAX_BACKTRACE {
+                let mut end = MAX_BACKTRACE;
+                while !text.is_char_boundary(end) {
+                    end -= 1;
+                }
+                text.truncate(end);
+                text.push_str("\n... (cut)");
+            }
             let _ = CAPTURED.try_with(|c| *c.borrow_mut() = Some(text));
         }));
     });
@@ -1691,9 +1783,49 @@ fn reduce_timer_slack() {
     }
 }
 
+/// Validates `data` as each of the scheduler's wire messages and reads every one that
+/// passes all the way through, as the scheduler and its clients would (the fuzz target
+/// `untrusted`).
+#[doc(hidden)]
+pub fn check_untrusted(data: &[u8]) {
+    let bytes = aligned(data);
+    let read = |b: &Aligned| {
+        if let Ok(r) = rkyv::access::<ArchivedRequest, rkyv::rancor::Error>(b) {
+            if let ArchivedRequest::Run { name, args, .. } = r {
+                let _ = (name.len(), aligned(args));
+            }
+        }
+        if let Ok(r) = rkyv::access::<ArchivedReply, rkyv::rancor::Error>(b) {
+            let _ = r.error();
+            if let ArchivedReply::Done(w) = r {
+                let result = TaskResult::from_wire(w);
+                let _ = result.value::<String>();
+            }
+        }
+        if let Ok(w) = rkyv::access::<ArchivedResultWire, rkyv::rancor::Error>(b) {
+            let _ = TaskResult::from_wire(w).value::<u64>();
+        }
+    };
+    read(&bytes);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn deadlines_are_exact_and_never_wrap() {
+        let o = Instant::now();
+        let p = Duration::from_micros(1);
+        assert_eq!(deadline(o, p, 3), o + Duration::from_micros(3));
+        // Past 2^32 periods (71 minutes of a 1 µs task), still exact.
+        let k = (1u64 << 32) + 5;
+        assert_eq!(deadline(o, p, k), o + Duration::from_micros(k));
+        assert!(deadline(o, p, k + 1) > deadline(o, p, k));
+        // Beyond what an Instant can hold: far ahead, no panic.
+        assert!(deadline(o, Duration::MAX, u64::MAX) > o + Duration::from_secs(1 << 30));
+        assert!(later(o, Duration::MAX) > o);
+    }
 
     /// Argument bytes that are not what they claim to be (as from a hostile or broken
     /// peer) are refused after validation; the task never runs. Messages that are not

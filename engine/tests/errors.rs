@@ -159,6 +159,17 @@ fn oversize_messages_full_rings_and_mailbox_misuse() {
             sent >= 4,
             "a 256-byte ring holds several 48-byte frames, got {sent}"
         );
+        // With the ring holding frames, a message that could never fit is still
+        // `TooLarge` at once, for `try_send` and for `send` (which must not wait for
+        // space that would never be enough).
+        match slow.try_send(&big) {
+            Err(SendError::TooLarge { capacity, .. }) => assert_eq!(capacity, 256),
+            other => panic!("expected TooLarge from a full ring, got {other:?}"),
+        }
+        match slow.send(&big) {
+            Err(SendError::TooLarge { capacity, .. }) => assert_eq!(capacity, 256),
+            other => panic!("expected TooLarge from a full ring, got {other:?}"),
+        }
         match slow.try_transfer(Box::new([1u64; 4])) {
             Err(SendError::Full(b)) => assert_eq!(*b, [1u64; 4], "the box comes back on Full"),
             other => panic!("expected Full, got {other:?}"),

@@ -77,12 +77,13 @@ fn periodic_task_cancels_itself_after_three_runs() {
     with_timeout(LIMIT, || {
         let cluster = Cluster::single_node();
         let runs = Arc::new(AtomicU64::new(0));
+        let seen = Arc::new(Mutex::new(Vec::new()));
         let mut scheduler = Scheduler::new();
-        let r = runs.clone();
+        let (r, s) = (runs.clone(), seen.clone());
         let foo = scheduler
             .every(Duration::from_millis(5), move |t| {
                 let i = r.fetch_add(1, Ordering::SeqCst) + 1;
-                assert_eq!(t.run(), i);
+                s.lock().unwrap().push(t.run());
                 if i >= 3 {
                     t.cancel();
                 }
@@ -93,6 +94,7 @@ fn periodic_task_cancels_itself_after_three_runs() {
         eventually("three runs", || runs.load(Ordering::SeqCst) >= 3);
         std::thread::sleep(Duration::from_millis(100));
         assert_eq!(runs.load(Ordering::SeqCst), 3, "no run after the cancel");
+        assert_eq!(*seen.lock().unwrap(), [1, 2, 3]);
         assert!(client.tasks(&mailbox, T).unwrap().is_empty());
         assert_eq!(client.cancel(&mailbox, &foo, T), Ok(false));
         finish(cluster);
@@ -343,7 +345,7 @@ fn fib(n: u64) -> u64 {
     }
 }
 
-/// Per run: its number, deadline, end and lateness.
+/// Per run: deadlines skipped before it, its deadline, its end and its lateness.
 type RunLog = Arc<Mutex<Vec<(u64, Instant, Instant, Duration)>>>;
 
 /// Records each run's deadline; the first run sleeps `stall` (the scheduler is busy past
@@ -358,7 +360,7 @@ fn stalling_task(missed: Missed, period: Duration, stall: Duration, log: RunLog)
             }
             log.lock()
                 .unwrap()
-                .push((t.run(), t.scheduled_for(), Instant::now(), t.lateness()));
+                .push((t.missed(), t.scheduled_for(), Instant::now(), t.lateness()));
             if t.run() == 4 {
                 t.cancel();
             }
@@ -380,23 +382,17 @@ fn missed_deadlines_are_skipped_by_default() {
                 log.clone(),
             ))
             .unwrap();
-        let client = scheduler.start(&cluster, "/scheduler").unwrap();
-        let mailbox = cluster.mailbox().unwrap();
-        client.subscribe(&mailbox, "stall", T).unwrap();
-        let results: Vec<TaskResult> = (0..3).map(|_| next_result(&mailbox)).collect();
-        // Run 1 may have gone before the subscription; take runs 2..=4 from the log.
+        scheduler.start(&cluster, "/scheduler").unwrap();
         eventually("four runs", || log.lock().unwrap().len() == 4);
         let log = log.lock().unwrap();
-        let (_, s1, end1, _) = log[0];
-        let (_, s2, _, _) = log[1];
+        let (_, _, end1, _) = log[0];
         // Run 1 ended at least 70 ms after its deadline: at least 3 deadlines passed.
-        let skipped = results.iter().find(|r| r.run == 2).expect("run 2").missed;
-        assert!(skipped >= 3, "skipped {skipped}");
+        assert!(log[1].0 >= 3, "skipped {}", log[1].0);
         // Run 2 is on the grid, at the first deadline after run 1 ended.
-        assert_eq!(s2 - s1, period * (skipped as u32 + 1));
-        assert!(s2 > end1 - period, "run 2 was a late catch-up");
-        for r in results.iter().filter(|r| r.run > 2) {
-            assert_eq!(r.missed, 0);
+        assert!(log[1].1 > end1 - period, "run 2 was a late catch-up");
+        for w in log.windows(2) {
+            // Each run is `missed + 1` periods after the one before, exactly.
+            assert_eq!(w[1].1 - w[0].1, period * (w[1].0 as u32 + 1), "{:?}", w[1]);
         }
         drop(log);
         finish(cluster);
@@ -636,6 +632,62 @@ fn broadcast_reaches_every_isolate_or_those_whose_properties_match() {
         });
         assert_eq!(b.sent, 1);
         assert_eq!(collect(1), ["/d/0 db"]);
+        finish(cluster);
+    });
+}
+
+#[test]
+fn results_too_large_for_a_ring_arrive_without_their_value() {
+    with_timeout(LIMIT, || {
+        let cluster = Cluster::builder().ring_capacity(4096).build();
+        let mut scheduler = Scheduler::new();
+        scheduler
+            .add(TaskSpec::on_demand("big").run(|_t| Ok::<Vec<u8>, String>(vec![7; 100_000])))
+            .unwrap();
+        scheduler
+            .add(TaskSpec::on_demand("small").run(|_t| Ok::<u8, String>(1)))
+            .unwrap();
+        let client = scheduler.start(&cluster, "/scheduler").unwrap();
+        let mailbox = cluster.mailbox().unwrap();
+        client.subscribe(&mailbox, "big", T).unwrap();
+        let r = client.run(&mailbox, "big", &(), T).unwrap();
+        assert!(!r.successful);
+        assert!(
+            r.error
+                .as_deref()
+                .unwrap()
+                .contains("larger than the caller's ring (4096 bytes)"),
+            "{:?}",
+            r.error
+        );
+        assert_eq!(r.value::<Vec<u8>>(), Err(TaskError::NoValue));
+        let published = next_result(&mailbox);
+        assert_eq!(published.run, 1);
+        assert!(published.error.unwrap().contains("subscriber's ring"));
+        // The scheduler is not stuck.
+        assert!(client.run(&mailbox, "small", &(), T).unwrap().successful);
+        finish(cluster);
+    });
+}
+
+#[test]
+fn far_away_delays_are_accepted_and_never_come() {
+    with_timeout(LIMIT, || {
+        let cluster = Cluster::single_node();
+        let mut scheduler = Scheduler::new();
+        scheduler
+            .add(TaskSpec::once(Duration::MAX).name("never").run(|_t| ()))
+            .unwrap();
+        scheduler
+            .add(TaskSpec::every(Duration::MAX).name("rarely").run(|_t| ()))
+            .unwrap();
+        let client = scheduler.start(&cluster, "/scheduler").unwrap();
+        let mailbox = cluster.mailbox().unwrap();
+        let list = client.tasks(&mailbox, T).unwrap();
+        assert_eq!(list.len(), 2);
+        assert!(list.iter().all(|t| t.runs == 0 && t.next_in.is_some()));
+        // Still runnable by name.
+        assert!(client.run(&mailbox, "never", &(), T).unwrap().successful);
         finish(cluster);
     });
 }
