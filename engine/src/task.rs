@@ -1790,10 +1790,10 @@ fn reduce_timer_slack() {
 pub fn check_untrusted(data: &[u8]) {
     let bytes = aligned(data);
     let read = |b: &Aligned| {
-        if let Ok(r) = rkyv::access::<ArchivedRequest, rkyv::rancor::Error>(b) {
-            if let ArchivedRequest::Run { name, args, .. } = r {
-                let _ = (name.len(), aligned(args));
-            }
+        if let Ok(ArchivedRequest::Run { name, args, .. }) =
+            rkyv::access::<ArchivedRequest, rkyv::rancor::Error>(b)
+        {
+            let _ = (name.len(), aligned(args));
         }
         if let Ok(r) = rkyv::access::<ArchivedReply, rkyv::rancor::Error>(b) {
             let _ = r.error();
