@@ -367,24 +367,33 @@ fn stalling_task(missed: Missed, period: Duration, stall: Duration, log: RunLog)
         })
 }
 
+/// Runs `stalling_task` (20 ms period, the first run taking 70 ms) until its fourth run
+/// and returns the log of the four runs.
+fn stalled_runs(missed: Missed) -> Vec<(u64, Instant, Instant, Duration)> {
+    let cluster = Cluster::single_node();
+    let period = Duration::from_millis(20);
+    let log: RunLog = Arc::new(Mutex::new(Vec::new()));
+    let mut scheduler = Scheduler::new();
+    scheduler
+        .add(stalling_task(
+            missed,
+            period,
+            Duration::from_millis(70),
+            log.clone(),
+        ))
+        .unwrap();
+    scheduler.start(&cluster, "/scheduler").unwrap();
+    eventually("four runs", || log.lock().unwrap().len() == 4);
+    finish(cluster);
+    let runs = log.lock().unwrap().clone();
+    runs
+}
+
 #[test]
 fn missed_deadlines_are_skipped_by_default() {
     with_timeout(LIMIT, || {
-        let cluster = Cluster::single_node();
         let period = Duration::from_millis(20);
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let mut scheduler = Scheduler::new();
-        scheduler
-            .add(stalling_task(
-                Missed::Skip,
-                period,
-                Duration::from_millis(70),
-                log.clone(),
-            ))
-            .unwrap();
-        scheduler.start(&cluster, "/scheduler").unwrap();
-        eventually("four runs", || log.lock().unwrap().len() == 4);
-        let log = log.lock().unwrap();
+        let log = stalled_runs(Missed::Skip);
         let (_, _, end1, _) = log[0];
         // Run 1 ended at least 70 ms after its deadline: at least 3 deadlines passed.
         assert!(log[1].0 >= 3, "skipped {}", log[1].0);
@@ -394,40 +403,24 @@ fn missed_deadlines_are_skipped_by_default() {
             // Each run is `missed + 1` periods after the one before, exactly.
             assert_eq!(w[1].1 - w[0].1, period * (w[1].0 as u32 + 1), "{:?}", w[1]);
         }
-        drop(log);
-        finish(cluster);
     });
 }
 
 #[test]
 fn missed_deadlines_are_caught_up_when_asked() {
     with_timeout(LIMIT, || {
-        let cluster = Cluster::single_node();
         let period = Duration::from_millis(20);
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let mut scheduler = Scheduler::new();
-        scheduler
-            .add(stalling_task(
-                Missed::CatchUp,
-                period,
-                Duration::from_millis(70),
-                log.clone(),
-            ))
-            .unwrap();
-        scheduler.start(&cluster, "/scheduler").unwrap();
-        eventually("four runs", || log.lock().unwrap().len() == 4);
-        let log = log.lock().unwrap();
+        let log = stalled_runs(Missed::CatchUp);
         let (_, _, end1, _) = log[0];
         for w in log.windows(2) {
-            // Every deadline runs, one period apart on the grid.
+            // Every deadline runs, one period apart on the grid, none skipped.
             assert_eq!(w[1].1 - w[0].1, period);
+            assert_eq!(w[1].0, 0);
         }
         // Run 2's deadline passed while run 1 slept: it ran late, right after.
         let (_, s2, _, late2) = log[1];
         assert!(s2 < end1);
         assert!(late2 >= Duration::from_millis(40), "lateness {late2:?}");
-        drop(log);
-        finish(cluster);
     });
 }
 
