@@ -256,14 +256,21 @@ pub(crate) enum Polled {
 
 impl Inbound {
     fn accept(&mut self, items: VecDeque<Control>) {
+        let mut new_links = false;
         for c in items {
             match c {
                 Control::NewLink(consumer, source, shared) => {
-                    self.links.push(InLink::new(consumer, source, shared))
+                    self.links.push(InLink::new(consumer, source, shared));
+                    new_links = true;
                 }
                 Control::Shutdown => self.shutdown_requested = true,
                 other => self.events.push_back(other),
             }
+        }
+        // A new sender is often a restarted one: drop the links of senders that have
+        // gone, so an endpoint that never idles does not keep their rings forever.
+        if new_links {
+            self.prune();
         }
     }
 
@@ -677,6 +684,14 @@ impl LocalEndpoint {
         };
         if endpoint.wake.is_closed() {
             return Err(SendError::Disconnected(()));
+        }
+        // A new target is often the restart of one that stopped: drop the links to
+        // targets that have gone, so their rings do not stay allocated for as long as
+        // this endpoint lives (their unsent frames are counted as undelivered).
+        for k in (0..out.links.len()).rev() {
+            if out.links[k].target.wake.is_closed() {
+                self.remove_link(out, k);
+            }
         }
         let ring = new_ring(self.cluster.config.ring_cells);
         let control = Control::NewLink(ring.consumer, self.shared.clone(), ring.shared.clone());

@@ -394,3 +394,28 @@ fn dropping_the_cluster_never_hangs_on_an_isolate_that_ignores_shutdown() {
         );
     });
 }
+
+/// A sender that never idles keeps talking to new incarnations at one path: its links to
+/// the stopped ones are dropped (with their rings) when it links to the next, instead of
+/// piling up for as long as it lives (found by the soak test's heap check).
+#[test]
+fn links_to_stopped_isolates_do_not_pile_up() {
+    with_timeout(Duration::from_secs(60), || {
+        let cluster = Cluster::single_node();
+        let mailbox = cluster.mailbox().unwrap();
+        for n in 0..40u64 {
+            let t = cluster
+                .spawn("/short", Properties::new(), |ctx| {
+                    // One message, then stop.
+                    let _ = ctx.recv();
+                })
+                .unwrap();
+            mailbox.send(&t, &n).unwrap();
+            t.wait_down(Duration::from_secs(20)).expect("stopped");
+            let links = mailbox.link_occupancy().len();
+            assert!(links <= 1, "{links} links after {} incarnations", n + 1);
+        }
+        cluster.shutdown();
+        cluster.join(Duration::from_secs(20)).unwrap();
+    });
+}
