@@ -17,7 +17,7 @@ use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::mem::MaybeUninit;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -34,7 +34,7 @@ use crate::isolate::{DownReason, IsolateRef};
 use crate::link::{
     new_ring, FrameSource, InLink, LinkShared, OutLink, OwnedFrame, RingFrame, WriteOutcome,
 };
-use crate::wake::WakeState;
+use crate::wake::{ControlQueue, WakeState};
 use crate::Payload;
 
 /// Locks a mutex, recovering the data if a panicking thread poisoned it (every critical
@@ -79,8 +79,7 @@ pub(crate) struct EndpointShared {
     /// Unique within the cluster, never reused; 0 means "none" on the wire.
     pub id: u32,
     pub wake: CachePadded<WakeState>,
-    control_pending: CachePadded<AtomicBool>,
-    control: Mutex<VecDeque<Control>>,
+    control: ControlQueue<Control>,
     graveyard: Mutex<Vec<InLink>>,
     pub counters: CachePadded<Counters>,
     /// The cluster's total of messages never read (outlives any one endpoint).
@@ -93,8 +92,7 @@ impl EndpointShared {
             id,
             cluster_undelivered,
             wake: CachePadded::new(WakeState::new()),
-            control_pending: CachePadded::new(AtomicBool::new(false)),
-            control: Mutex::new(VecDeque::new()),
+            control: ControlQueue::new(),
             graveyard: Mutex::new(Vec::new()),
             counters: CachePadded::new(Counters::default()),
         }
@@ -111,29 +109,18 @@ impl EndpointShared {
     /// Queues a control item and wakes the endpoint. Hands the item back if the endpoint
     /// is closed.
     pub(crate) fn enqueue(&self, item: Control) -> Result<(), Control> {
-        {
-            let mut q = lock(&self.control);
-            if self.wake.is_closed() {
-                return Err(item);
-            }
-            q.push_back(item);
-            self.control_pending.store(true, Ordering::Release);
-        }
-        self.wake.notify();
-        Ok(())
+        self.control.push(&self.wake, item)
     }
 
     /// Whether control items are waiting.
     #[inline]
     pub(crate) fn control_pending(&self) -> bool {
-        self.control_pending.load(Ordering::Acquire)
+        self.control.pending()
     }
 
     /// Takes every waiting control item.
     pub(crate) fn take_control(&self) -> VecDeque<Control> {
-        let mut q = lock(&self.control);
-        self.control_pending.store(false, Ordering::Relaxed);
-        std::mem::take(&mut *q)
+        self.control.take()
     }
 
     /// Closes the endpoint for good: moves `links` and any not yet accepted into the
@@ -142,10 +129,7 @@ impl EndpointShared {
     pub(crate) fn close_and_drain(&self, links: Vec<InLink>) -> u64 {
         self.wake.close();
         let mut g = lock(&self.graveyard);
-        let pending = {
-            let mut q = lock(&self.control);
-            std::mem::take(&mut *q)
-        };
+        let pending = self.control.take();
         g.extend(links);
         for c in pending {
             if let Control::NewLink(consumer, source, shared) = c {

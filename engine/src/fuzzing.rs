@@ -201,3 +201,245 @@ pub fn untrusted(data: &[u8]) {
         u64
     );
 }
+
+/// What a routing isolate is told to do besides recording.
+#[derive(rkyv::Archive, rkyv::Serialize)]
+struct Command {
+    panic: bool,
+}
+
+/// A transferred value that counts its drops.
+struct Tracked {
+    seq: u64,
+    drops: Arc<AtomicU64>,
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        self.drops
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// What the driver knows of one incarnation of a slot.
+struct Incarnation {
+    r: crate::IsolateRef,
+    /// Sequence numbers sent to it that `send`/`transfer` accepted, in order.
+    sent: Vec<u64>,
+    /// How many of `sent` went before a panic or exit command it accepted.
+    commanded_after: Option<usize>,
+}
+
+type Logs = Arc<std::sync::Mutex<std::collections::HashMap<u32, Vec<u64>>>>;
+
+const SLOTS: usize = 3;
+
+/// Arbitrary sequences of spawn, lookup, send, transfer, call, panic (then a supervised
+/// restart), exit and shutdown on a small cluster, checked against a model of who must
+/// receive what: each incarnation reads exactly the messages accepted for it before the
+/// command that ended it (all of them if it lived to the shutdown), once each, in order;
+/// calls get their own answer while the target lives and an error once it was told to
+/// stop, never a wrong answer or a hang; every transferred value is dropped once.
+pub fn routing(data: &[u8]) {
+    use std::sync::atomic::Ordering::Relaxed;
+    use std::time::Duration;
+
+    use crate::{
+        CallError, Cluster, Event, Properties, Restart, SendError, SpawnError, Supervision,
+    };
+
+    quiet_intended_panics();
+    let mut input = Input(&data[..data.len().min(96)]);
+    let cluster = Cluster::builder()
+        .ring_capacity(1024)
+        .supervision(Supervision::one_for_one().intensity(10_000, Duration::from_secs(1)))
+        .build();
+    let mailbox = cluster.mailbox().expect("a mailbox");
+    let logs: Logs = Default::default();
+    let drops = Arc::new(AtomicU64::new(0));
+    let mut created = 0u64;
+    let mut seq = 0u64;
+    let mut all: Vec<Incarnation> = Vec::new();
+    let mut current: [Option<usize>; SLOTS] = [None; SLOTS];
+    let wait = Duration::from_secs(10);
+
+    let spawn = |k: usize| {
+        let logs = logs.clone();
+        cluster.spawn_supervised(
+            &format!("/r{k}"),
+            Properties::new(),
+            Restart::Transient,
+            move |ctx| {
+                let me = ctx.self_ref().id();
+                while let Some(ev) = ctx.recv() {
+                    let Event::Message(mut m) = ev else { continue };
+                    if m.is_request() {
+                        let v = m.get::<u64>().expect("a u64 request").to_native();
+                        let _ = m.reply(&v.wrapping_mul(2));
+                    } else if m.is_transfer() {
+                        let t = m.take::<Tracked>().expect("a Tracked");
+                        logs.lock().unwrap().entry(me).or_default().push(t.seq);
+                    } else if let Ok(c) = m.get::<Command>() {
+                        if c.panic {
+                            panic!("routing: told to panic");
+                        }
+                        return;
+                    } else {
+                        let s = m.get::<u64>().expect("a u64").to_native();
+                        logs.lock().unwrap().entry(me).or_default().push(s);
+                    }
+                }
+            },
+        )
+    };
+
+    while !input.is_empty() {
+        let b = input.byte();
+        let k = usize::from(b >> 4) % SLOTS;
+        let inc = current[k];
+        match b % 8 {
+            // Spawn (when the slot has no live incarnation we know of).
+            0 => {
+                if inc.is_some_and(|i| all[i].r.is_alive()) {
+                    continue;
+                }
+                match spawn(k) {
+                    Ok(r) => {
+                        all.push(Incarnation {
+                            r,
+                            sent: Vec::new(),
+                            commanded_after: None,
+                        });
+                        current[k] = Some(all.len() - 1);
+                    }
+                    // The previous one is still on its way out.
+                    Err(SpawnError::Duplicate(_)) => {}
+                    Err(e) => panic!("spawn failed: {e}"),
+                }
+            }
+            // Look the path up: a known incarnation or nothing; adopt a restarted one.
+            1 => match mailbox.lookup(&format!("/r{k}")) {
+                Ok(r) => match all.iter().position(|i| i.r.id() == r.id()) {
+                    Some(i) => current[k] = Some(i),
+                    None => {
+                        // Only a supervised restart creates incarnations we did not spawn.
+                        all.push(Incarnation {
+                            r,
+                            sent: Vec::new(),
+                            commanded_after: None,
+                        });
+                        current[k] = Some(all.len() - 1);
+                    }
+                },
+                Err(crate::LookupError::NotFound(_)) => {}
+                Err(e) => panic!("lookup failed: {e}"),
+            },
+            // Copy send / transfer.
+            2 | 3 => {
+                let Some(i) = inc else { continue };
+                let r = all[i].r.clone();
+                let sent = if b % 8 == 2 {
+                    mailbox.send(&r, &seq).map_err(|e| e.without_value())
+                } else {
+                    created += 1;
+                    let t = Box::new(Tracked {
+                        seq,
+                        drops: drops.clone(),
+                    });
+                    mailbox.transfer(&r, t).map_err(|e| e.without_value())
+                };
+                match sent {
+                    Ok(()) => {
+                        all[i].sent.push(seq);
+                        seq += 1;
+                    }
+                    Err(SendError::Disconnected(())) => assert!(
+                        all[i].commanded_after.is_some(),
+                        "a send to an isolate never told to stop was refused"
+                    ),
+                    Err(e) => panic!("send failed: {e}"),
+                }
+            }
+            // Call.
+            4 => {
+                let Some(i) = inc else { continue };
+                let v = u64::from(b) << 7 | seq;
+                match mailbox.call(&all[i].r, &v, wait) {
+                    Ok(reply) => {
+                        assert_eq!(reply.get::<u64>().map(|x| x.to_native()), Ok(v * 2));
+                        assert!(
+                            all[i].commanded_after.is_none(),
+                            "an isolate told to stop answered a later call"
+                        );
+                    }
+                    Err(
+                        CallError::TargetDown(_) | CallError::Send(SendError::Disconnected(())),
+                    ) => {
+                        assert!(
+                            all[i].commanded_after.is_some(),
+                            "a call to an isolate never told to stop failed"
+                        )
+                    }
+                    Err(e) => panic!("call failed: {e}"),
+                }
+            }
+            // Panic (restarted by supervision) or exit (not restarted).
+            5 | 6 => {
+                let Some(i) = inc else { continue };
+                if all[i].commanded_after.is_some() {
+                    continue;
+                }
+                let cmd = Command { panic: b % 8 == 5 };
+                match mailbox.send(&all[i].r, &cmd) {
+                    Ok(()) => all[i].commanded_after = Some(all[i].sent.len()),
+                    Err(e) => panic!("a live isolate refused a command: {e}"),
+                }
+            }
+            // Wait until the slot's current incarnation is down.
+            _ => {
+                let Some(i) = inc else { continue };
+                if all[i].commanded_after.is_some() {
+                    assert!(
+                        all[i].r.wait_down(wait).is_some(),
+                        "a told isolate did not stop"
+                    );
+                }
+            }
+        }
+    }
+    drop(mailbox);
+    cluster.shutdown();
+    cluster
+        .join(Duration::from_secs(30))
+        .expect("the node stops");
+
+    let logs = logs.lock().unwrap();
+    for inc in &all {
+        let got = logs.get(&inc.r.id()).map_or(&[][..], Vec::as_slice);
+        let expected = &inc.sent[..inc.commanded_after.unwrap_or(inc.sent.len())];
+        assert_eq!(got, expected, "what {} read", inc.r);
+    }
+    assert_eq!(
+        drops.load(Relaxed),
+        created,
+        "transferred values dropped once"
+    );
+}
+
+/// Keeps the panics `routing` asks for out of the way of the fuzzer's panic hook (which
+/// aborts on any panic); every other panic still reaches it.
+fn quiet_intended_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let intended = info
+                .payload()
+                .downcast_ref::<&str>()
+                .is_some_and(|m| m.starts_with("routing: told to panic"));
+            if !intended {
+                previous(info);
+            }
+        }));
+    });
+}

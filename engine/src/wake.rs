@@ -24,8 +24,10 @@
 use std::sync::OnceLock;
 use std::time::Instant;
 
+use std::collections::VecDeque;
+
 use crate::barrier;
-use crate::sync::{current, park, park_timeout, AtomicU32, Ordering, Thread};
+use crate::sync::{current, park, park_timeout, AtomicBool, AtomicU32, Mutex, Ordering, Thread};
 
 const PARKED: u32 = 1;
 const CLOSED: u32 = 2;
@@ -122,5 +124,59 @@ impl WakeState {
     #[inline]
     pub fn is_closed(&self) -> bool {
         self.closed.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+/// An endpoint's control queue: what other threads hand to the endpoint's thread (new
+/// links, cluster events) goes in under a mutex, never on the data path, with a flag the
+/// consumer polls without locking. The consumer checks the flag in its re-check before
+/// sleeping (after `prepare_park`), and a push sets it before `notify`, so an item is never
+/// left waiting behind a sleeping consumer (modelled in `tests/loom_wake.rs`).
+pub struct ControlQueue<T> {
+    pending: crossbeam_utils::CachePadded<AtomicBool>,
+    items: Mutex<VecDeque<T>>,
+}
+
+impl<T> Default for ControlQueue<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<T> ControlQueue<T> {
+    pub fn new() -> Self {
+        Self {
+            pending: crossbeam_utils::CachePadded::new(AtomicBool::new(false)),
+            items: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    /// Queues `item` and wakes the consumer behind `wake`. Hands the item back if `wake`
+    /// is closed; the check is made under the queue's lock, so an endpoint that closes
+    /// and then takes the queue sees every item accepted before.
+    pub fn push(&self, wake: &WakeState, item: T) -> Result<(), T> {
+        {
+            let mut q = self.items.lock().unwrap_or_else(|e| e.into_inner());
+            if wake.is_closed() {
+                return Err(item);
+            }
+            q.push_back(item);
+            self.pending.store(true, Ordering::Release);
+        }
+        wake.notify();
+        Ok(())
+    }
+
+    /// Whether items are waiting.
+    #[inline]
+    pub fn pending(&self) -> bool {
+        self.pending.load(Ordering::Acquire)
+    }
+
+    /// Takes every waiting item.
+    pub fn take(&self) -> VecDeque<T> {
+        let mut q = self.items.lock().unwrap_or_else(|e| e.into_inner());
+        self.pending.store(false, Ordering::Relaxed);
+        std::mem::take(&mut *q)
     }
 }

