@@ -175,9 +175,10 @@ fn read_one(inl: &mut InLink, model: &mut VecDeque<Vec<u8>>) -> bool {
 }
 
 /// Arbitrary bytes presented as what arrives from outside the process: a frame header,
-/// and a payload claimed to be each of the types the engine accepts from other languages
-/// or nodes (the scheduler's requests, replies and results, and common values). Each must
-/// be rejected with an error or validated; never a crash.
+/// a payload claimed to be each of the types the engine accepts from other languages or
+/// nodes (the scheduler's requests, replies and results, and common values), and a
+/// message sent as raw bytes the way the C API sends them. Each must be rejected with an
+/// error or validated; never a crash.
 pub fn untrusted(data: &[u8]) {
     let _ = FrameHeader::decode(data);
     let _ = FrameHeader::decode_first(data);
@@ -200,6 +201,40 @@ pub fn untrusted(data: &[u8]) {
         Option<Vec<u64>>,
         u64
     );
+    through_a_ring(data);
+}
+
+thread_local! {
+    static BUS: std::cell::RefCell<Option<(crate::Cluster, crate::Mailbox)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// The bytes as a C caller sends them (`send_bytes` with a tag, here a Rust type's): the
+/// receiver must refuse to read them in place without validation, validate them on
+/// request, and hand them back unchanged.
+fn through_a_ring(data: &[u8]) {
+    use crate::{type_tag, AccessError, Event};
+    BUS.with(|bus| {
+        let mut bus = bus.borrow_mut();
+        let (_, mailbox) = bus.get_or_insert_with(|| {
+            let cluster = crate::Cluster::single_node();
+            let mailbox = cluster.mailbox().expect("a mailbox");
+            (cluster, mailbox)
+        });
+        let me = mailbox.me().clone();
+        mailbox
+            .send_bytes(&me, type_tag::<String>(), data)
+            .expect("a small message to itself");
+        let Some(Event::Message(m)) = mailbox.try_recv() else {
+            panic!("the message did not come back");
+        };
+        assert_eq!(m.bytes(), data);
+        assert_eq!(m.get::<String>().err(), Some(AccessError::Invalid));
+        match m.get_checked::<String>() {
+            Ok(s) => assert!(s.len() <= data.len()),
+            Err(e) => assert_eq!(e, AccessError::Invalid),
+        }
+    });
 }
 
 /// What a routing isolate is told to do besides recording.
