@@ -196,18 +196,31 @@ impl<const N: usize> Isolates<N> {
         let p = progress.clone();
         let sink = cluster
             .spawn("/sink", Properties::new(), move |ctx| {
+                // Touch every cache line of the payload, as a real consumer would (the
+                // other peers copy each message out whole).
+                let touch = |m: &isolate_cluster::Message<'_>| {
+                    let b = m.bytes();
+                    let mut x = 0u8;
+                    for i in (0..b.len()).step_by(64) {
+                        x ^= b[i];
+                    }
+                    std::hint::black_box(x);
+                };
                 let mut count = 0u64;
                 loop {
+                    // With batching, the receive side batches too: a whole run of
+                    // messages per call and per ring index update.
+                    if batch > 1 {
+                        let n = ctx.try_recv_batch(256, |m| touch(&m));
+                        if n > 0 {
+                            count += n as u64;
+                            p.count.store(count, Ordering::Release);
+                            continue;
+                        }
+                    }
                     match ctx.try_recv() {
                         Some(Event::Message(m)) => {
-                            // Touch every cache line of the payload, as a real consumer
-                            // would (the other peers copy each message out whole).
-                            let b = m.bytes();
-                            let mut x = 0u8;
-                            for i in (0..b.len()).step_by(64) {
-                                x ^= b[i];
-                            }
-                            std::hint::black_box(x);
+                            touch(&m);
                             count += 1;
                             if count % 64 == 0 {
                                 p.count.store(count, Ordering::Release);

@@ -1100,6 +1100,48 @@ impl LocalEndpoint {
         p
     }
 
+    /// Claims one link whose ring holds frames for a batch read (round robin over the
+    /// links, after those already claimed): marks it held, so nothing else consumes it,
+    /// and returns its waiting cells in place. Links with frames set aside (overflow) are
+    /// left to `poll`, which reads those first.
+    pub(crate) fn claim_batch(&self) -> Option<(usize, [(*const Cell, usize); 2])> {
+        self.flush_spills();
+        let mut guard = self.inbound.borrow_mut();
+        let inb = &mut *guard;
+        if self.shared.control_pending() {
+            inb.accept(self.shared.take_control());
+        }
+        let n = inb.links.len();
+        for k in 0..n {
+            let i = (inb.cursor + k) % n;
+            let l = &mut inb.links[i];
+            if l.held || !l.overflow.is_empty() || !l.ring_has_data() {
+                continue;
+            }
+            let runs = l.peek_all();
+            l.held = true;
+            inb.held += 1;
+            inb.cursor = (i + 1) % n;
+            return Some((i, runs));
+        }
+        None
+    }
+
+    /// Ends a batch read of link `link`: consumes the `cells` it read and counts the
+    /// `messages` it delivered.
+    pub(crate) fn finish_batch(&self, link: usize, cells: usize, messages: u64) {
+        let mut inb = self.inbound.borrow_mut();
+        let l = &mut inb.links[link];
+        debug_assert!(l.held);
+        if cells > 0 {
+            l.commit(cells);
+        }
+        l.held = false;
+        inb.held -= 1;
+        let c = &self.shared.counters.received;
+        c.store(c.load(Ordering::Relaxed) + messages, Ordering::Relaxed);
+    }
+
     /// Waits a little for work per the wait strategy. Returns `false` once `deadline`
     /// has passed. Spurious returns are fine (the caller polls again). The clock is read
     /// only every 64 rounds, so spinning stays a tight loop.

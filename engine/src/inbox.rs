@@ -80,6 +80,96 @@ impl Inbox {
         self.next(None, false)
     }
 
+    /// Reads up to `max` messages waiting in one sender's ring, in place and in order,
+    /// handing each to `f`, and frees their ring space with one index update for the
+    /// whole batch instead of one per message: the consumer side of
+    /// [`send_batch`](Self::send_batch), for streams of small messages. Never waits;
+    /// returns how many messages `f` got (0: nothing waiting in a ring now). Events,
+    /// replies to this endpoint's requests and messages set aside while it was blocked
+    /// sending are left to [`recv`](Self::recv) / [`try_recv`](Self::try_recv), which
+    /// must still be called for them. Each call reads from the next sender with
+    /// messages waiting.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use isolate_cluster::Cluster;
+    /// let cluster = Cluster::single_node();
+    /// let mailbox = cluster.mailbox().unwrap();
+    /// let me = mailbox.me().clone();
+    /// mailbox.send_batch(&me, &[1u64, 2, 3]).unwrap();
+    /// let mut sum = 0;
+    /// let n = mailbox.try_recv_batch(64, |m| sum += m.get::<u64>().unwrap().to_native());
+    /// assert_eq!((n, sum), (3, 6));
+    /// # drop(mailbox);
+    /// # cluster.shutdown();
+    /// # cluster.join(Duration::from_secs(5)).unwrap();
+    /// ```
+    pub fn try_recv_batch(&self, max: usize, mut f: impl FnMut(Message<'_>)) -> usize {
+        if self.finished.get() || max == 0 {
+            return 0;
+        }
+        let Some((link, runs)) = self.ep.claim_batch() else {
+            return 0;
+        };
+        // Releases the link however this ends (`f` may panic): what was handed out is
+        // consumed, the rest stays for later.
+        struct Claim<'e> {
+            ep: &'e LocalEndpoint,
+            link: usize,
+            cells: usize,
+            messages: u64,
+        }
+        impl Drop for Claim<'_> {
+            fn drop(&mut self) {
+                self.ep.finish_batch(self.link, self.cells, self.messages);
+            }
+        }
+        let mut claim = Claim {
+            ep: &self.ep,
+            link,
+            cells: 0,
+            messages: 0,
+        };
+        'runs: for (start, len) in runs {
+            let mut pos = 0;
+            while pos < len {
+                if claim.messages as usize >= max {
+                    break 'runs;
+                }
+                // SAFETY: `start..start + len` are initialised cells of a ring this
+                // endpoint consumes, not yet committed, and the link is claimed (held), so
+                // nothing else commits them before `claim` drops; `pos < len`.
+                let first = unsafe { &*start.add(pos) };
+                let Some(header) = FrameHeader::read_from(first) else {
+                    unreachable!("in-process frames have valid headers")
+                };
+                if header.kind == crate::frame::FrameKind::Skip {
+                    pos += header.len as usize;
+                    claim.cells += header.len as usize;
+                    continue;
+                }
+                if header.flags & crate::frame::FLAG_REPLY != 0 {
+                    // Replies are routed to their request by `recv`/`wait_reply`.
+                    break 'runs;
+                }
+                let cells = header.frame_cells();
+                pos += cells;
+                claim.cells += cells;
+                claim.messages += 1;
+                f(Message {
+                    ep: &self.ep,
+                    header,
+                    body: Body::Batch {
+                        frame: first,
+                        cells,
+                    },
+                    taken: false,
+                });
+            }
+        }
+        claim.messages as usize
+    }
+
     /// Whether the endpoint has stopped: `recv` returns `None` from now on.
     pub fn is_finished(&self) -> bool {
         self.finished.get()

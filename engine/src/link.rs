@@ -530,6 +530,20 @@ impl InLink {
         }
     }
 
+    /// Every cell the ring holds now, in place, without consuming any: up to two runs of
+    /// cells (the second when the ring wraps), as (first cell, count). Frames never
+    /// straddle the runs (the producer pads the end of the ring with a skip frame).
+    pub(crate) fn peek_all(&mut self) -> [(*const Cell, usize); 2] {
+        let n = self.consumer.slots();
+        match self.consumer.read_chunk(n) {
+            Ok(chunk) => {
+                let (a, b) = chunk.as_slices();
+                [(a.as_ptr(), a.len()), (b.as_ptr(), b.len())]
+            }
+            Err(_) => [(std::ptr::null(), 0); 2],
+        }
+    }
+
     /// Consumes `cells` cells (a frame previously returned by [`peek`](Self::peek)).
     #[inline]
     pub(crate) fn commit(&mut self, cells: usize) {

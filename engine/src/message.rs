@@ -70,6 +70,9 @@ pub(crate) enum Body {
     },
     /// The whole frame, moved out of its ring earlier (the receiver was blocked sending).
     Owned(Box<[Cell]>),
+    /// In place in a ring read by a batch (`Inbox::try_recv_batch`), which consumes the
+    /// whole batch's cells at once after the last message.
+    Batch { frame: *const Cell, cells: usize },
 }
 
 /// A received message, read in place from the ring (no copy, no deserialisation).
@@ -88,14 +91,14 @@ impl<'a> Message<'a> {
     /// The frame's first cell; the payload starts `HEADER_BYTES` into it.
     fn frame(&self) -> *const Cell {
         match &self.body {
-            Body::Ring { frame, .. } => *frame,
+            Body::Ring { frame, .. } | Body::Batch { frame, .. } => *frame,
             Body::Owned(b) => b.as_ptr(),
         }
     }
 
     fn frame_cells(&self) -> usize {
         match &self.body {
-            Body::Ring { cells, .. } => *cells,
+            Body::Ring { cells, .. } | Body::Batch { cells, .. } => *cells,
             Body::Owned(b) => b.len(),
         }
     }

@@ -110,3 +110,178 @@ fn try_send_batch_stops_at_a_full_ring_and_says_how_many_went() {
         cluster.join(T).unwrap();
     });
 }
+
+/// Sent one at a time and in batches, copies of several sizes and transfers, through a
+/// small ring that wraps many times: a batched receiver reads every message once, in
+/// order, and every transferred value is dropped once (taken or not).
+#[test]
+fn batched_receives_see_every_message_once_in_order() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    struct Counted(u64, Arc<AtomicU64>);
+    impl Drop for Counted {
+        fn drop(&mut self) {
+            self.1.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    with_timeout(Duration::from_secs(60), || {
+        const N: u64 = 20_000;
+        let cluster = Cluster::builder().ring_capacity(2048).build();
+        let mailbox = cluster.mailbox().unwrap();
+        let main_ref = mailbox.me().clone();
+        let drops = Arc::new(AtomicU64::new(0));
+        let sink = cluster
+            .spawn("/sink", Properties::new(), move |ctx| {
+                use std::cell::Cell;
+                let (next, bad, taken) = (Cell::new(0u64), Cell::new(0u64), Cell::new(0u64));
+                let mut batches = 0u64;
+                let on_message = |mut m: isolate_cluster::Message<'_>| {
+                    let seq = if let Ok(v) = m.get::<u64>() {
+                        v.to_native()
+                    } else if let Ok(s) = m.get::<String>() {
+                        s.split(':').next().unwrap().parse().unwrap()
+                    } else {
+                        match m.take::<Counted>() {
+                            // Every other transfer is taken; the rest drop with the message.
+                            Ok(c) if c.0 % 2 == 0 => {
+                                taken.set(taken.get() + 1);
+                                c.0
+                            }
+                            Ok(c) => c.0,
+                            Err(e) => panic!("{e}"),
+                        }
+                    };
+                    if seq != next.get() {
+                        bad.set(bad.get() + 1);
+                    }
+                    next.set(seq + 1);
+                };
+                while next.get() < N {
+                    if ctx.try_recv_batch(64, on_message) > 0 {
+                        batches += 1;
+                    } else if let Some(Event::Message(m)) =
+                        ctx.recv_timeout(Duration::from_millis(1))
+                    {
+                        // Frames set aside while the ring was full come this way.
+                        on_message(m);
+                    }
+                }
+                ctx.send(&main_ref, &(bad.get(), batches, taken.get()))
+                    .unwrap();
+                while ctx.recv().is_some() {}
+            })
+            .unwrap();
+        let d = drops.clone();
+        let transfers = Arc::new(AtomicU64::new(0));
+        let t = transfers.clone();
+        let sender = cluster
+            .spawn("/source", Properties::new(), move |ctx| {
+                let (mut seq, mut op) = (0u64, 0u64);
+                while seq < N {
+                    op += 1;
+                    match op % 7 {
+                        0 => {
+                            let n = (N - seq).min(40);
+                            let batch: Vec<u64> = (seq..seq + n).collect();
+                            ctx.send_batch(&sink, &batch).unwrap();
+                            seq += n;
+                        }
+                        1 | 2 => {
+                            let text = format!("{seq}:{}", "x".repeat((op % 300) as usize));
+                            ctx.send(&sink, &text).unwrap();
+                            seq += 1;
+                        }
+                        3 | 4 => {
+                            ctx.transfer(&sink, Box::new(Counted(seq, d.clone())))
+                                .map_err(|e| e.without_value())
+                                .unwrap();
+                            t.fetch_add(1, Ordering::Relaxed);
+                            seq += 1;
+                        }
+                        _ => {
+                            ctx.send(&sink, &seq).unwrap();
+                            seq += 1;
+                        }
+                    }
+                }
+            })
+            .unwrap();
+        let (bad, batches, taken) = expect_message(&mailbox, T, |m| {
+            let r = m.get::<(u64, u64, u64)>().unwrap();
+            (r.0.to_native(), r.1.to_native(), r.2.to_native())
+        });
+        assert_eq!(bad, 0, "out of order, duplicated or lost");
+        assert!(batches > 0 && batches < N, "{batches} batches");
+        let sent = transfers.load(Ordering::Relaxed);
+        assert!(
+            taken > 0 && taken < sent,
+            "{taken} of {sent} transfers taken"
+        );
+        sender.wait_down(T).unwrap();
+        cluster.shutdown();
+        cluster.join(T).unwrap();
+        assert_eq!(
+            drops.load(Ordering::Relaxed),
+            sent,
+            "every transfer dropped once"
+        );
+    });
+}
+
+/// A batch stops before a reply (replies go to their request), a panic in the handler
+/// releases the ring with what was handed out consumed, and `recv` inside the handler
+/// works (the batch's sender is skipped meanwhile).
+#[test]
+fn batches_leave_replies_to_requests_and_survive_a_panicking_handler() {
+    with_timeout(Duration::from_secs(60), || {
+        let cluster = Cluster::single_node();
+        let mailbox = cluster.mailbox().unwrap();
+        let echo = cluster
+            .spawn("/echo", Properties::new(), |ctx| {
+                while let Some(Event::Message(m)) = ctx.recv() {
+                    let v = m.get::<u64>().unwrap().to_native();
+                    // A plain message first, then the reply, on the same ring.
+                    let to = m.sender().unwrap();
+                    ctx.send(&to, &(v + 1)).unwrap();
+                    m.reply(&(v * 2)).unwrap();
+                }
+            })
+            .unwrap();
+        let id = mailbox.request(&echo, &21u64).unwrap();
+        // Wait until both frames are in our ring.
+        std::thread::sleep(Duration::from_millis(50));
+        let mut got = Vec::new();
+        assert_eq!(
+            mailbox.try_recv_batch(64, |m| got.push(m.get::<u64>().unwrap().to_native())),
+            1
+        );
+        assert_eq!(got, [22]);
+        let reply = mailbox.wait_reply(id, T).unwrap();
+        assert_eq!(reply.get::<u64>().unwrap().to_native(), 42);
+        drop(reply);
+
+        let me = mailbox.me().clone();
+        mailbox.send_batch(&me, &[1u64, 2, 3, 4]).unwrap();
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            mailbox.try_recv_batch(64, |m| {
+                if m.get::<u64>().unwrap().to_native() == 2 {
+                    panic!("handler fails");
+                }
+            })
+        }));
+        assert!(r.is_err());
+        // 1 and 2 were handed out; 3 and 4 are still there, once.
+        let mut rest = Vec::new();
+        mailbox.try_recv_batch(64, |m| {
+            rest.push(m.get::<u64>().unwrap().to_native());
+            // Receiving inside a batch: nothing else is waiting.
+            assert!(mailbox.try_recv().is_none());
+        });
+        assert_eq!(rest, [3, 4]);
+        assert_eq!(mailbox.try_recv_batch(64, |_| panic!("nothing left")), 0);
+        drop(mailbox);
+        cluster.shutdown();
+        cluster.join(T).unwrap();
+    });
+}
