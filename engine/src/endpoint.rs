@@ -155,6 +155,24 @@ impl EndpointShared {
     }
 }
 
+/// `TooLarge` if the frame `src` writes can never fit a ring of `cap` cells (found by
+/// building it off the ring).
+#[cold]
+fn check_fits(
+    header: FrameHeader,
+    src: &mut impl FrameSource,
+    cap: usize,
+) -> Result<(), SendError> {
+    match OwnedFrame::build(header, src, cap) {
+        Ok(_) => Ok(()),
+        Err(RingError::NoRoom) => Err(SendError::TooLarge {
+            value: (),
+            capacity: cap * CELL_BYTES,
+        }),
+        Err(RingError::Failed) => Err(SendError::Serialize(())),
+    }
+}
+
 /// Consumes every frame in the graveyard's rings. Returns how many, and the transferred
 /// values to drop once the graveyard lock is released (their `Drop` is user code).
 fn drain_graveyard(g: &mut Vec<InLink>) -> (u64, Vec<TransferPayload>) {
@@ -825,6 +843,10 @@ impl LocalEndpoint {
         }
         let mut waited: Option<Instant> = None;
         let mut round = 0u32;
+        // Transfers always fit; other frames are checked once (see below).
+        let mut fit_checked = header.kind == FrameKind::Transfer;
+        // What the refused fast-path attempt found free (a later attempt finds its padding).
+        let mut roomy = out.links[i].free_at_refusal * 2 >= out.links[i].capacity();
         loop {
             let link = &mut out.links[i];
             match link.write(header, src) {
@@ -846,22 +868,16 @@ impl LocalEndpoint {
             }
             if waited.is_none() {
                 bump(&self.shared.counters.full);
-                // A frame that can never fit must not wait for space (nor be reported as
-                // `Full`): the ring only says so when it is empty, so find out now, once
-                // per send, by building the frame off the ring. Transfers always fit.
-                if header.kind != FrameKind::Transfer {
-                    let cap = link.capacity();
-                    match OwnedFrame::build(header, src, cap) {
-                        Ok(_) => {}
-                        Err(RingError::NoRoom) => {
-                            return Err(SendError::TooLarge {
-                                value: (),
-                                capacity: cap * CELL_BYTES,
-                            })
-                        }
-                        Err(RingError::Failed) => return Err(SendError::Serialize(())),
-                    }
-                }
+            }
+            // A frame that can never fit must not wait for space, nor be reported as
+            // `Full` for ever: the ring only says `TooLarge` when it is empty. When the
+            // ring is at most half full (a frame that fits is rarely refused then), or
+            // once this sender has spun a while, build the frame off the ring once to
+            // find out. A ring kept full by a stream of small frames never pays for it.
+            roomy |= link.free_at_refusal * 2 >= link.capacity();
+            if !fit_checked && (roomy || round >= 64) {
+                fit_checked = true;
+                check_fits(header, src, link.capacity())?;
             }
             match mode {
                 Mode::Try => return Err(SendError::Full(())),

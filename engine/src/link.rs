@@ -238,6 +238,8 @@ pub(crate) struct OutLink {
     pos: usize,
     /// Frames that could not be written yet; they go before any later frame.
     pub spill: VecDeque<OwnedFrame>,
+    /// The free cells the last refused write found, before it padded the ring's tail.
+    pub free_at_refusal: usize,
 }
 
 impl OutLink {
@@ -254,6 +256,7 @@ impl OutLink {
             cap,
             pos: 0,
             spill: VecDeque::new(),
+            free_at_refusal: 0,
         }
     }
 
@@ -281,6 +284,7 @@ impl OutLink {
         src: &mut impl FrameSource,
     ) -> WriteOutcome {
         let mut refreshed = false;
+        let mut free_before_pad = None;
         loop {
             let avail = if refreshed {
                 self.producer.slots()
@@ -327,6 +331,7 @@ impl OutLink {
                 continue;
             }
             if avail >= to_end && to_end < self.cap {
+                free_before_pad.get_or_insert(avail);
                 // The whole rest of the ring is free but too small: pad it with a skip
                 // frame so the next attempt starts at the beginning.
                 let Ok(mut chunk) = self.producer.write_chunk_uninit(to_end) else {
@@ -344,6 +349,7 @@ impl OutLink {
             if self.pos == 0 && avail == self.cap {
                 return WriteOutcome::TooLarge;
             }
+            self.free_at_refusal = free_before_pad.unwrap_or(avail);
             return WriteOutcome::Full;
         }
     }
