@@ -1006,6 +1006,18 @@ impl TaskClient {
         }
     }
 
+    /// A request naming a task, answered by `f`.
+    fn keyed<T>(
+        &self,
+        inbox: &Inbox,
+        request: fn(WireKey) -> Request,
+        task: TaskKey,
+        timeout: Duration,
+        f: impl FnOnce(&ArchivedReply) -> Option<T>,
+    ) -> Result<T, TaskError> {
+        self.exchange(inbox, &request((&task).into()), timeout, f)
+    }
+
     /// Cancels a task; `Ok(false)` if there was none (already done or cancelled).
     pub fn cancel(
         &self,
@@ -1013,16 +1025,10 @@ impl TaskClient {
         task: impl Into<TaskKey>,
         timeout: Duration,
     ) -> Result<bool, TaskError> {
-        let key = task.into();
-        self.exchange(
-            inbox,
-            &Request::Cancel((&key).into()),
-            timeout,
-            |r| match r {
-                ArchivedReply::Cancelled(found) => Some(*found),
-                _ => None,
-            },
-        )
+        self.keyed(inbox, Request::Cancel, task.into(), timeout, |r| match r {
+            ArchivedReply::Cancelled(found) => Some(*found),
+            _ => None,
+        })
     }
 
     /// Subscribes the caller (the endpoint behind `inbox`) to a task's results: every
@@ -1036,10 +1042,10 @@ impl TaskClient {
         task: impl Into<TaskKey>,
         timeout: Duration,
     ) -> Result<u64, TaskError> {
-        let key = task.into();
-        self.exchange(
+        self.keyed(
             inbox,
-            &Request::Subscribe((&key).into()),
+            Request::Subscribe,
+            task.into(),
             timeout,
             |r| match r {
                 ArchivedReply::Subscribed(id) => Some(id.to_native()),
@@ -1055,10 +1061,10 @@ impl TaskClient {
         task: impl Into<TaskKey>,
         timeout: Duration,
     ) -> Result<bool, TaskError> {
-        let key = task.into();
-        self.exchange(
+        self.keyed(
             inbox,
-            &Request::Unsubscribe((&key).into()),
+            Request::Unsubscribe,
+            task.into(),
             timeout,
             |r| match r {
                 ArchivedReply::Unsubscribed(found) => Some(*found),

@@ -128,18 +128,29 @@ fn reading_a_message_as_the_wrong_type_is_an_error() {
     });
 }
 
+/// A cluster with 256-byte rings and an isolate that reads nothing until `gate` is
+/// passed a second time (by the test).
+fn held_receiver() -> (
+    Cluster,
+    isolate_cluster::IsolateRef,
+    std::sync::Arc<std::sync::Barrier>,
+) {
+    let cluster = Cluster::builder().ring_capacity(256).build();
+    let gate = std::sync::Arc::new(std::sync::Barrier::new(2));
+    let g2 = gate.clone();
+    let slow = cluster
+        .spawn("/slow", Properties::new(), move |ctx| {
+            g2.wait();
+            while ctx.recv().is_some() {}
+        })
+        .unwrap();
+    (cluster, slow, gate)
+}
+
 #[test]
 fn oversize_messages_full_rings_and_mailbox_misuse() {
     with_timeout(Duration::from_secs(30), || {
-        let cluster = Cluster::builder().ring_capacity(256).build();
-        let gate = std::sync::Arc::new(std::sync::Barrier::new(2));
-        let g2 = gate.clone();
-        let slow = cluster
-            .spawn("/slow", Properties::new(), move |ctx| {
-                g2.wait();
-                while ctx.recv().is_some() {}
-            })
-            .unwrap();
+        let (cluster, slow, gate) = held_receiver();
         let big = vec![7u8; 1024];
         match slow.send(&big) {
             Err(SendError::TooLarge { capacity, .. }) => assert_eq!(capacity, 256),
@@ -322,15 +333,7 @@ fn dropping_the_cluster_while_a_message_is_held_is_safe() {
 #[test]
 fn try_send_of_a_message_that_can_never_fit_is_too_large_with_frames_waiting() {
     with_timeout(Duration::from_secs(30), || {
-        let cluster = Cluster::builder().ring_capacity(256).build();
-        let gate = std::sync::Arc::new(std::sync::Barrier::new(2));
-        let g2 = gate.clone();
-        let slow = cluster
-            .spawn("/slow", Properties::new(), move |ctx| {
-                g2.wait();
-                while ctx.recv().is_some() {}
-            })
-            .unwrap();
+        let (cluster, slow, gate) = held_receiver();
         slow.try_send(&0u64).unwrap();
         match slow.try_send(&vec![7u8; 1024]) {
             Err(SendError::TooLarge { capacity, .. }) => assert_eq!(capacity, 256),
