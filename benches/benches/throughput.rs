@@ -211,7 +211,7 @@ impl<const N: usize> Isolates<N> {
                     // With batching, the receive side batches too: a whole run of
                     // messages per call and per ring index update.
                     if batch > 1 {
-                        let n = ctx.try_recv_batch(256, |m| touch(&m));
+                        let n = ctx.try_recv_batch(256, |m| touch(m));
                         if n > 0 {
                             count += n as u64;
                             p.count.store(count, Ordering::Release);

@@ -81,7 +81,8 @@ impl Inbox {
     }
 
     /// Reads up to `max` messages waiting in one sender's ring, in place and in order,
-    /// handing each to `f`, and frees their ring space with one index update for the
+    /// handing each to `f` (by reference: take a transfer with `m.take()`; the message
+    /// is released when `f` returns), and frees their ring space with one index update for the
     /// whole batch instead of one per message: the consumer side of
     /// [`send_batch`](Self::send_batch), for streams of small messages. Never waits;
     /// returns how many messages `f` got (0: nothing waiting in a ring now). Events,
@@ -104,7 +105,7 @@ impl Inbox {
     /// # cluster.shutdown();
     /// # cluster.join(Duration::from_secs(5)).unwrap();
     /// ```
-    pub fn try_recv_batch(&self, max: usize, mut f: impl FnMut(Message<'_>)) -> usize {
+    pub fn try_recv_batch(&self, max: usize, mut f: impl FnMut(&mut Message<'_>)) -> usize {
         if self.finished.get() || max == 0 {
             return 0;
         }
@@ -112,15 +113,17 @@ impl Inbox {
             return 0;
         };
         // Releases the link however this ends (`f` may panic): what was handed out is
-        // consumed, the rest stays for later.
+        // consumed (a transfer nobody took is dropped), the rest stays for later.
         struct Claim<'e> {
             ep: &'e LocalEndpoint,
             link: usize,
             cells: usize,
             messages: u64,
+            current: Option<Message<'e>>,
         }
         impl Drop for Claim<'_> {
             fn drop(&mut self) {
+                drop(self.current.take());
                 self.ep.finish_batch(self.link, self.cells, self.messages);
             }
         }
@@ -129,6 +132,7 @@ impl Inbox {
             link,
             cells: 0,
             messages: 0,
+            current: None,
         };
         'runs: for (start, len) in runs {
             let mut pos = 0;
@@ -156,7 +160,7 @@ impl Inbox {
                 pos += cells;
                 claim.cells += cells;
                 claim.messages += 1;
-                f(Message {
+                let m = Message {
                     ep: &self.ep,
                     header,
                     body: Body::Batch {
@@ -164,7 +168,17 @@ impl Inbox {
                         cells,
                     },
                     taken: false,
-                });
+                };
+                if header.kind == crate::frame::FrameKind::Transfer {
+                    // Owns a value until taken: kept where the claim drops it even if `f`
+                    // panics.
+                    f(claim.current.insert(m));
+                    drop(claim.current.take());
+                } else {
+                    // A copy read in place owns nothing: no drop to run (the batch frees
+                    // its ring space at the end).
+                    f(&mut std::mem::ManuallyDrop::new(m));
+                }
             }
         }
         claim.messages as usize

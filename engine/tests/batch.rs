@@ -136,7 +136,7 @@ fn batched_receives_see_every_message_once_in_order() {
                 use std::cell::Cell;
                 let (next, bad, taken) = (Cell::new(0u64), Cell::new(0u64), Cell::new(0u64));
                 let mut batches = 0u64;
-                let on_message = |mut m: isolate_cluster::Message<'_>| {
+                let on_message = |m: &mut isolate_cluster::Message<'_>| {
                     let seq = if let Ok(v) = m.get::<u64>() {
                         v.to_native()
                     } else if let Ok(s) = m.get::<String>() {
@@ -160,11 +160,11 @@ fn batched_receives_see_every_message_once_in_order() {
                 while next.get() < N {
                     if ctx.try_recv_batch(64, on_message) > 0 {
                         batches += 1;
-                    } else if let Some(Event::Message(m)) =
+                    } else if let Some(Event::Message(mut m)) =
                         ctx.recv_timeout(Duration::from_millis(1))
                     {
                         // Frames set aside while the ring was full come this way.
-                        on_message(m);
+                        on_message(&mut m);
                     }
                 }
                 ctx.send(&main_ref, &(bad.get(), batches, taken.get()))
