@@ -285,3 +285,45 @@ fn batches_leave_replies_to_requests_and_survive_a_panicking_handler() {
         cluster.join(T).unwrap();
     });
 }
+
+/// A transferred value handed to a batch handler that panics before taking it is dropped
+/// once, and not delivered again.
+#[test]
+fn a_panicking_batch_handler_drops_an_untaken_transfer_once() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    struct Counted(Arc<AtomicU64>);
+    impl Drop for Counted {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    with_timeout(Duration::from_secs(60), || {
+        let cluster = Cluster::single_node();
+        let mailbox = cluster.mailbox().unwrap();
+        let me = mailbox.me().clone();
+        let drops = Arc::new(AtomicU64::new(0));
+        mailbox
+            .transfer(&me, Box::new(Counted(drops.clone())))
+            .map_err(|e| e.without_value())
+            .unwrap();
+        mailbox.send(&me, &7u64).unwrap();
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            mailbox.try_recv_batch(64, |m| {
+                if m.is_transfer() {
+                    panic!("handler fails");
+                }
+            })
+        }));
+        assert!(r.is_err());
+        assert_eq!(drops.load(Ordering::Relaxed), 1);
+        let mut rest = Vec::new();
+        mailbox.try_recv_batch(64, |m| rest.push(m.get::<u64>().unwrap().to_native()));
+        assert_eq!(rest, [7]);
+        drop(mailbox);
+        cluster.shutdown();
+        cluster.join(T).unwrap();
+        assert_eq!(drops.load(Ordering::Relaxed), 1);
+    });
+}
