@@ -442,8 +442,13 @@ impl Inbound {
     /// Drops links whose producer has gone and which hold nothing.
     fn prune(&mut self) {
         if self.held == 0 {
+            let before = self.links.len();
             self.links.retain(|l| !l.is_finished());
-            self.cursor = 0;
+            // Round robin goes on where it was unless links went (readers of the cursor
+            // wrap it when it is past the end).
+            if self.links.len() != before {
+                self.cursor = 0;
+            }
         }
     }
 
@@ -843,8 +848,9 @@ impl LocalEndpoint {
         }
         let mut waited: Option<Instant> = None;
         let mut round = 0u32;
-        // Transfers always fit; other frames are checked once (see below).
-        let mut fit_checked = header.kind == FrameKind::Transfer;
+        // Transfers always fit; a spill checks the size itself; other frames are checked
+        // once (see below).
+        let mut fit_checked = header.kind == FrameKind::Transfer || mode == Mode::Spill;
         // What the refused fast-path attempt found free (a later attempt finds its padding).
         let mut roomy = out.links[i].free_at_refusal * 2 >= out.links[i].capacity();
         loop {

@@ -85,11 +85,15 @@ impl Inbox {
     /// is released when `f` returns), and frees their ring space with one index update for the
     /// whole batch instead of one per message: the consumer side of
     /// [`send_batch`](Self::send_batch), for streams of small messages. Never waits;
-    /// returns how many messages `f` got (0: nothing waiting in a ring now). Events,
-    /// replies to this endpoint's requests and messages set aside while it was blocked
-    /// sending are left to [`recv`](Self::recv) / [`try_recv`](Self::try_recv), which
-    /// must still be called for them. Each call reads from the next sender with
-    /// messages waiting.
+    /// returns how many messages `f` got (0 when nothing was waiting in a ring, or the
+    /// sender's ring starts with a reply). Events, replies to this endpoint's requests
+    /// and messages set aside while it was blocked sending are left to
+    /// [`recv`](Self::recv) / [`try_recv`](Self::try_recv), which must still be called
+    /// for them. Each call reads from the next sender with messages waiting.
+    ///
+    /// While `f` runs, the batch's sender's ring is held: a `call` from inside `f` to
+    /// that same sender cannot see its reply (it queues behind the batch) and times
+    /// out. Collect what to ask for and call after the batch.
     ///
     /// ```
     /// # use std::time::Duration;
