@@ -833,20 +833,14 @@ pub fn jobs(cfg: Config) -> String {
     cluster.shutdown();
     cluster.join(Duration::from_secs(10)).expect("stop");
     let mut md = String::from("## Jobs: an isolate per job (`run`) vs a worker pool\n\n");
-    let _ = writeln!(md, "| {n} jobs returning a number | p50 | p99 | max |");
-    let _ = writeln!(md, "|---|---:|---:|---:|");
-    for (name, h) in [
-        ("`Cluster::run` (spawn per job)", &spawn),
-        ("`WorkerPool::run` (1 worker)", &pooled),
-    ] {
-        let _ = writeln!(
-            md,
-            "| {name} | {} | {} | {} |",
-            crate::report::ns(h.value_at_quantile(0.5)),
-            crate::report::ns(h.value_at_quantile(0.99)),
-            crate::report::ns(h.max())
-        );
-    }
+    quantile_table(
+        &mut md,
+        &format!("{n} jobs returning a number"),
+        &[
+            ("`Cluster::run` (spawn per job)".into(), &spawn),
+            ("`WorkerPool::run` (1 worker)".into(), &pooled),
+        ],
+    );
     let _ = writeln!(
         md,
         "\nPooled / spawned p50: {:.3}×.\n",
@@ -925,51 +919,53 @@ pub fn tasks(cfg: Config) -> String {
     cluster.shutdown();
     cluster.join(t).expect("stop");
 
-    let q = |h: &Histogram<u64>, p: f64| crate::report::ns(h.value_at_quantile(p));
     let mut md = String::from("## Task scheduler\n\n");
-    let _ = writeln!(
-        md,
-        "| {n} round trips from a mailbox thread | p50 | p99 | max |"
+    quantile_table(
+        &mut md,
+        &format!("{n} round trips from a mailbox thread"),
+        &[
+            ("`TaskClient::run(\"trivial\")`".into(), &by_name),
+            ("`Inbox::call` to an echo isolate".into(), &plain),
+        ],
     );
-    let _ = writeln!(md, "|---|---:|---:|---:|");
-    for (name, h) in [
-        ("`TaskClient::run(\"trivial\")`", &by_name),
-        ("`Inbox::call` to an echo isolate", &plain),
-    ] {
-        let _ = writeln!(
-            md,
-            "| {name} | {} | {} | {} |",
-            q(h, 0.5),
-            q(h, 0.99),
-            crate::report::ns(h.max())
-        );
-    }
     let _ = writeln!(
         md,
         "\n`run(name)` / `call` p50: {:.2}×.\n",
         by_name.value_at_quantile(0.5) as f64 / plain.value_at_quantile(0.5).max(1) as f64
     );
-    let _ = writeln!(
-        md,
-        "| 1 ms periodic task, {runs} runs: lateness | p50 | p99 | max |"
+    let rows: Vec<(String, &Histogram<u64>)> = lateness
+        .iter()
+        .map(|(spin, h)| {
+            let name = if spin.is_zero() {
+                "sleeps until each deadline".to_owned()
+            } else {
+                format!("sleeps, then spins the last {} µs", spin.as_micros())
+            };
+            (name, h)
+        })
+        .collect();
+    quantile_table(
+        &mut md,
+        &format!("1 ms periodic task, {runs} runs: lateness"),
+        &rows,
     );
+    md.push('\n');
+    md
+}
+
+/// A markdown table of p50 / p99 / max, one row per histogram.
+fn quantile_table(md: &mut String, heading: &str, rows: &[(String, &Histogram<u64>)]) {
+    let _ = writeln!(md, "| {heading} | p50 | p99 | max |");
     let _ = writeln!(md, "|---|---:|---:|---:|");
-    for (spin, h) in &lateness {
-        let name = if spin.is_zero() {
-            "sleeps until each deadline".to_owned()
-        } else {
-            format!("sleeps, then spins the last {} µs", spin.as_micros())
-        };
+    for (name, h) in rows {
         let _ = writeln!(
             md,
             "| {name} | {} | {} | {} |",
-            q(h, 0.5),
-            q(h, 0.99),
+            crate::report::ns(h.value_at_quantile(0.5)),
+            crate::report::ns(h.value_at_quantile(0.99)),
             crate::report::ns(h.max())
         );
     }
-    md.push('\n');
-    md
 }
 
 /// The request/reply ping-pong of [`call`] written in C against the C API

@@ -447,16 +447,28 @@ impl ClusterInner {
             .ok_or_else(|| LookupError::NotFound(path.to_owned()))
     }
 
-    /// Every live isolate (not other threads' endpoints), in spawn order.
-    pub(crate) fn live_isolates(&self) -> Vec<IsolateRef> {
-        let mut all: Vec<IsolateRef> = lock(&self.registry)
+    /// Sends through `send` to every live isolate (not other threads' endpoints) that
+    /// `filter` accepts, in spawn order, and reports who took it.
+    pub(crate) fn broadcast(
+        &self,
+        filter: impl Fn(&IsolateRef) -> bool,
+        mut send: impl FnMut(&IsolateRef) -> Result<(), crate::SendError>,
+    ) -> crate::Broadcast {
+        let mut targets: Vec<IsolateRef> = lock(&self.registry)
             .by_id
             .values()
             .filter(|r| r.is_isolate() && r.is_alive())
             .cloned()
             .collect();
-        all.sort_by_key(IsolateRef::id);
-        all
+        targets.sort_by_key(IsolateRef::id);
+        let mut report = crate::Broadcast::default();
+        for r in targets.into_iter().filter(|r| filter(r)) {
+            match send(&r) {
+                Ok(()) => report.sent += 1,
+                Err(e) => report.failed.push((r, e)),
+            }
+        }
+        report
     }
 
     pub(crate) fn ref_by_id(&self, id: u32) -> Option<IsolateRef> {
@@ -812,17 +824,7 @@ impl Cluster {
         value: &T,
         filter: impl Fn(&IsolateRef) -> bool,
     ) -> crate::Broadcast {
-        let mut report = crate::Broadcast::default();
-        for r in self.inner.live_isolates() {
-            if !filter(&r) {
-                continue;
-            }
-            match r.send(value) {
-                Ok(()) => report.sent += 1,
-                Err(e) => report.failed.push((r, e)),
-            }
-        }
-        report
+        self.inner.broadcast(filter, |r| r.send(value))
     }
 
     /// Looks up a live isolate by path.

@@ -27,8 +27,8 @@ use rkyv::ser::allocator::Arena;
 use crate::cluster::{ClusterInner, WaitStrategy};
 use crate::error::{CallError, SendError};
 use crate::frame::{
-    Cell, FrameHeader, FrameKind, RingError, RingWriter, TransferPayload, TypeTag, CELL_BYTES,
-    FLAG_CALL, FLAG_ERROR, FLAG_REPLY,
+    Cell, FrameHeader, FrameKind, RingError, TransferPayload, TypeTag, CELL_BYTES, FLAG_CALL,
+    FLAG_ERROR, FLAG_REPLY,
 };
 use crate::isolate::{DownReason, IsolateRef};
 use crate::link::{
@@ -155,22 +155,21 @@ impl EndpointShared {
     }
 }
 
-/// `TooLarge` if the frame `src` writes can never fit a ring of `cap` cells (found by
-/// building it off the ring).
+/// Builds the frame `src` writes off the ring, as a ring of `cap` cells would hold it:
+/// `TooLarge` if it can never fit one.
 #[cold]
-fn check_fits(
+fn build_off_ring(
     header: FrameHeader,
     src: &mut impl FrameSource,
     cap: usize,
-) -> Result<(), SendError> {
-    match OwnedFrame::build(header, src, cap) {
-        Ok(_) => Ok(()),
-        Err(RingError::NoRoom) => Err(SendError::TooLarge {
+) -> Result<OwnedFrame, SendError> {
+    OwnedFrame::build(header, src, cap).map_err(|e| match e {
+        RingError::NoRoom => SendError::TooLarge {
             value: (),
             capacity: cap * CELL_BYTES,
-        }),
-        Err(RingError::Failed) => Err(SendError::Serialize(())),
-    }
+        },
+        RingError::Failed => SendError::Serialize(()),
+    })
 }
 
 /// Consumes every frame in the graveyard's rings. Returns how many, and the transferred
@@ -502,13 +501,7 @@ pub(crate) struct CopySource<'v, 'a, T> {
 impl<T: Payload> FrameSource for CopySource<'_, '_, T> {
     #[inline]
     fn fill(&mut self, window: &mut [MaybeUninit<u8>]) -> Result<usize, RingError> {
-        let writer = RingWriter::new(window);
-        let w = rkyv::api::high::to_bytes_in_with_alloc::<_, _, RingError>(
-            self.value,
-            writer,
-            crate::frame::Scratch::new(self.arena),
-        )?;
-        Ok(rkyv::ser::writer::Positional::pos(&w))
+        crate::frame::serialize_into(self.value, window, self.arena)
     }
 }
 
@@ -883,7 +876,7 @@ impl LocalEndpoint {
             roomy |= link.free_at_refusal * 2 >= link.capacity();
             if !fit_checked && (roomy || round >= 64) {
                 fit_checked = true;
-                check_fits(header, src, link.capacity())?;
+                build_off_ring(header, src, link.capacity())?;
             }
             match mode {
                 Mode::Try => return Err(SendError::Full(())),
@@ -945,21 +938,13 @@ impl LocalEndpoint {
         header: FrameHeader,
         src: &mut impl FrameSource,
     ) -> Result<(), SendError> {
-        match OwnedFrame::build(header, src, link.capacity()) {
-            Ok(f) => {
-                if link.spill.is_empty() {
-                    self.spilled_links.set(self.spilled_links.get() + 1);
-                }
-                link.spill.push_back(f);
-                bump(&self.shared.counters.spilled);
-                Ok(())
-            }
-            Err(RingError::NoRoom) => Err(SendError::TooLarge {
-                value: (),
-                capacity: link.capacity() * CELL_BYTES,
-            }),
-            Err(RingError::Failed) => Err(SendError::Serialize(())),
+        let f = build_off_ring(header, src, link.capacity())?;
+        if link.spill.is_empty() {
+            self.spilled_links.set(self.spilled_links.get() + 1);
         }
+        link.spill.push_back(f);
+        bump(&self.shared.counters.spilled);
+        Ok(())
     }
 
     /// Writes spilled frames that fit now.

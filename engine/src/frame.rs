@@ -397,6 +397,22 @@ impl Writer<RingError> for RingWriter {
     }
 }
 
+/// Serialises `value` into `window` (ring cells or a spill buffer) with the endpoint's
+/// scratch arena; returns the bytes written.
+#[inline]
+pub(crate) fn serialize_into<T: crate::Payload>(
+    value: &T,
+    window: &mut [std::mem::MaybeUninit<u8>],
+    arena: &mut Arena,
+) -> Result<usize, RingError> {
+    let w = rkyv::api::high::to_bytes_in_with_alloc::<_, _, RingError>(
+        value,
+        RingWriter::new(window),
+        Scratch::new(arena),
+    )?;
+    Ok(w.pos())
+}
+
 /// Serialises `value` into a byte vector, exactly as a copy send would into ring memory
 /// (for payloads nested inside other messages). Read the bytes back from 16-aligned
 /// memory.
@@ -412,14 +428,9 @@ pub(crate) fn encode<T: crate::Payload>(value: &T) -> Result<Vec<u8>, RingError>
                 buf.len(),
             )
         };
-        let writer = RingWriter::new(window);
-        match rkyv::api::high::to_bytes_in_with_alloc::<_, _, RingError>(
-            value,
-            writer,
-            Scratch::new(&mut arena),
-        ) {
-            Ok(w) => {
-                buf.truncate(w.pos());
+        match serialize_into(value, window, &mut arena) {
+            Ok(len) => {
+                buf.truncate(len);
                 return Ok(buf);
             }
             Err(RingError::NoRoom) if buf.len() < 1 << 31 => buf.resize(buf.len() * 2, 0),

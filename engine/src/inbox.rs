@@ -340,17 +340,10 @@ impl Inbox {
         value: &T,
         filter: impl Fn(&IsolateRef) -> bool,
     ) -> crate::Broadcast {
-        let mut report = crate::Broadcast::default();
-        for r in self.ep.cluster.live_isolates() {
-            if r.id() == self.ep.me.id() || !filter(&r) {
-                continue;
-            }
-            match self.send(&r, value) {
-                Ok(()) => report.sent += 1,
-                Err(e) => report.failed.push((r, e)),
-            }
-        }
-        report
+        let me = self.ep.me.id();
+        self.ep
+            .cluster
+            .broadcast(|r| r.id() != me && filter(r), |r| self.send(r, value))
     }
 
     /// Sends a copy of `value` to `target` from this endpoint (the fast path: no

@@ -1,5 +1,5 @@
-//! The atomics, mutex and thread parking the wake-up and control-queue protocols use, behind one shim so the
-//! `loom` model checker can replace them (`RUSTFLAGS="--cfg loom"`).
+//! The atomics, mutex and thread parking the wake-up and control-queue protocols use,
+//! behind one shim so the `loom` model checker can replace them (`RUSTFLAGS="--cfg loom"`).
 
 #[cfg(loom)]
 pub(crate) use loom::sync::atomic::{fence, AtomicBool, AtomicU32, Ordering};
