@@ -142,6 +142,12 @@ impl Builder {
         self
     }
 
+    /// The node name configured.
+    #[cfg_attr(not(feature = "zenoh"), allow(dead_code))]
+    pub(crate) fn node(&self) -> &str {
+        &self.config.node_name
+    }
+
     /// Builds the cluster. Nothing runs until the first spawn.
     pub fn build(self) -> Cluster {
         static NEXT_CLUSTER: AtomicU64 = AtomicU64::new(1);
@@ -160,6 +166,7 @@ impl Builder {
                 cores: Mutex::new(CoreAllocator { cores, load }),
                 undelivered: Arc::new(AtomicU64::new(0)),
                 jobs: Mutex::new(None),
+                net: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -258,6 +265,33 @@ pub(crate) struct Registry {
     pub failure: Option<String>,
     /// Supervision records forgotten under the lock, dropped after it (`unlock`).
     pub released: Vec<ChildRecord>,
+    /// Live isolates of other nodes by `node:/path`.
+    pub remote: HashMap<String, IsolateRef>,
+    /// Live other nodes.
+    pub nodes: std::collections::BTreeSet<String>,
+    /// Who gets node events (`Inbox::watch_nodes`).
+    pub node_watchers: Vec<IsolateRef>,
+}
+
+/// What the network layer is told about this node's isolates (called with the registry
+/// locked, so announcements keep the order of spawns and stops).
+pub(crate) trait NetHooks: Send + Sync {
+    /// An isolate is about to start (its thread is not running yet).
+    fn local_up(&self, isolate: &IsolateRef);
+    /// An isolate has stopped (everything it sent has been sent).
+    fn local_down(&self, isolate: &IsolateRef, reason: &DownReason);
+    /// The node leaves the network (at shutdown).
+    fn leave(&self);
+    /// The concrete type (for the network layer's own queries).
+    fn as_any(self: Arc<Self>) -> Arc<dyn std::any::Any + Send + Sync>;
+}
+
+/// A node event for the endpoints that watch nodes.
+#[derive(Clone, Debug)]
+pub(crate) enum NodeNotice {
+    Up(String),
+    Down(String),
+    Rejected { node: String, reason: String },
 }
 
 /// Counters of one endpoint, as [`Cluster::stats`] reports them.
@@ -300,6 +334,8 @@ pub(crate) struct ClusterInner {
     undelivered: Arc<AtomicU64>,
     /// The supervision thread's queue (started with the first job).
     pub(crate) jobs: Mutex<Option<mpsc::Sender<Job>>>,
+    /// The network layer, once the node has joined one.
+    pub(crate) net: std::sync::OnceLock<Arc<dyn NetHooks>>,
 }
 
 impl ClusterInner {
@@ -387,6 +423,11 @@ impl ClusterInner {
             shared,
             self,
         );
+        // Other nodes hear of it before it can send them anything.
+        let net = self.net.get();
+        if let Some(net) = net {
+            net.local_up(&me);
+        }
         let inner = Arc::clone(self);
         let me2 = me.clone();
         let spawned = std::thread::Builder::new()
@@ -394,6 +435,9 @@ impl ClusterInner {
             .spawn(move || run_isolate(inner, me2, core, entry));
         if let Err(e) = spawned {
             lock(&self.cores).release(placement);
+            if let Some(net) = net {
+                net.local_down(&me, &DownReason::Normal);
+            }
             return Err(SpawnError::Thread(e));
         }
         reg.by_path.insert(path.to_owned(), me.clone());
@@ -407,12 +451,20 @@ impl ClusterInner {
 
     /// A new endpoint for the calling thread (not an isolate).
     pub(crate) fn thread_endpoint(self: &Arc<Self>) -> Rc<LocalEndpoint> {
+        Rc::new(self.plain_endpoint(None))
+    }
+
+    /// A new endpoint that is not an isolate, named after the calling thread or `name`.
+    pub(crate) fn plain_endpoint(self: &Arc<Self>, name: Option<&str>) -> LocalEndpoint {
         let id = self.next_id();
         let shared = Arc::new(EndpointShared::new(id, self.undelivered.clone()));
-        let name = std::thread::current()
-            .name()
-            .map(|n| format!("@{n}-{id}"))
-            .unwrap_or_else(|| format!("@thread-{id}"));
+        let name = match name {
+            Some(n) => format!("@{n}-{id}"),
+            None => std::thread::current()
+                .name()
+                .map(|n| format!("@{n}-{id}"))
+                .unwrap_or_else(|| format!("@thread-{id}")),
+        };
         let me = IsolateRef::new(
             name,
             Properties::new(),
@@ -427,7 +479,97 @@ impl ClusterInner {
             let _ = me.endpoint().enqueue(Control::Shutdown);
         }
         drop(reg);
-        Rc::new(LocalEndpoint::new(Arc::clone(self), me, self.config.wait))
+        LocalEndpoint::new(Arc::clone(self), me, self.config.wait)
+    }
+
+    /// A fresh endpoint for a proxy of another node's endpoint (nobody reads it).
+    pub(crate) fn proxy_endpoint(&self) -> Arc<EndpointShared> {
+        Arc::new(EndpointShared::new(self.next_id(), self.undelivered.clone()))
+    }
+
+    /// Registers a proxy of another node's endpoint; watchers hear of an isolate.
+    pub(crate) fn remote_up(&self, r: &IsolateRef) {
+        let mut reg = lock(&self.registry);
+        reg.by_id.insert(r.id(), r.clone());
+        if r.is_isolate() {
+            reg.remote.insert(r.path().to_owned(), r.clone());
+            for w in &reg.watchers {
+                let _ = w.endpoint().enqueue(Control::Up(r.clone()));
+            }
+        }
+    }
+
+    /// A proxy's endpoint went down (it stopped, or its node was lost): closes it, so
+    /// sends and calls to it fail, and tells watchers and monitors.
+    pub(crate) fn remote_down(&self, r: &IsolateRef, reason: DownReason) {
+        let mut reg = lock(&self.registry);
+        if !matches!(reg.by_id.get(&r.id()), Some(x) if x == r) {
+            return;
+        }
+        r.set_down(reason.clone(), None);
+        r.endpoint().close_and_drain(Vec::new());
+        reg.by_id.remove(&r.id());
+        if reg.remote.get(r.path()).is_some_and(|x| x == r) {
+            reg.remote.remove(r.path());
+        }
+        if r.is_isolate() {
+            for w in &reg.watchers {
+                let _ = w
+                    .endpoint()
+                    .enqueue(Control::Down(r.clone(), reason.clone()));
+            }
+        }
+        for w in reg.monitors.remove(&r.id()).unwrap_or_default() {
+            let _ = w
+                .endpoint()
+                .enqueue(Control::Down(r.clone(), reason.clone()));
+        }
+    }
+
+    /// Tells the node watchers; keeps the set of live nodes.
+    pub(crate) fn node_event(&self, notice: NodeNotice) {
+        let mut reg = lock(&self.registry);
+        match &notice {
+            NodeNotice::Up(n) => {
+                reg.nodes.insert(n.clone());
+            }
+            NodeNotice::Down(n) => {
+                reg.nodes.remove(n);
+            }
+            NodeNotice::Rejected { .. } => {}
+        }
+        for w in &reg.node_watchers {
+            let _ = w.endpoint().enqueue(Control::Node(notice.clone()));
+        }
+    }
+
+    /// Registers `me` as a node watcher and replays every live node to it.
+    pub(crate) fn watch_nodes(&self, me: &IsolateRef) {
+        let mut reg = lock(&self.registry);
+        if !reg.node_watchers.iter().any(|w| w == me) {
+            reg.node_watchers.push(me.clone());
+        }
+        for n in &reg.nodes {
+            let _ = me
+                .endpoint()
+                .enqueue(Control::Node(NodeNotice::Up(n.clone())));
+        }
+    }
+
+    /// The live other nodes, by name.
+    pub(crate) fn nodes(&self) -> Vec<String> {
+        lock(&self.registry).nodes.iter().cloned().collect()
+    }
+
+    /// Runs `f` with the registry locked and this node's live isolates (for the network
+    /// layer's greeting of a new node: no spawn or stop can slip between).
+    pub(crate) fn with_local_isolates<R>(&self, f: impl FnOnce(&[IsolateRef]) -> R) -> R {
+        let reg = lock(&self.registry);
+        let mut live: Vec<IsolateRef> = reg.by_path.values().cloned().collect();
+        live.sort_by_key(IsolateRef::id);
+        let r = f(&live);
+        drop(reg);
+        r
     }
 
     pub(crate) fn set_supervision(&self, path: &str, sv: Supervision) -> Result<(), PathError> {
@@ -439,6 +581,19 @@ impl ClusterInner {
     }
 
     pub(crate) fn lookup(&self, path: &str) -> Result<IsolateRef, LookupError> {
+        // `node:/path` names an isolate of another node (local paths start with '/').
+        if let Some((node, local)) = path.split_once(':').filter(|_| !path.starts_with('/')) {
+            validate_path(local)?;
+            crate::path::validate_name(node)?;
+            if node != self.config.node_name {
+                return lock(&self.registry)
+                    .remote
+                    .get(path)
+                    .cloned()
+                    .ok_or_else(|| LookupError::NotFound(path.to_owned()));
+            }
+            return self.lookup(local);
+        }
         validate_path(path)?;
         lock(&self.registry)
             .by_path
@@ -473,10 +628,6 @@ impl ClusterInner {
 
     pub(crate) fn ref_by_id(&self, id: u32) -> Option<IsolateRef> {
         lock(&self.registry).by_id.get(&id).cloned()
-    }
-
-    pub(crate) fn endpoint_by_id(&self, id: u32) -> Option<Arc<EndpointShared>> {
-        self.ref_by_id(id).map(|r| r.endpoint().clone())
     }
 
     pub(crate) fn forget_endpoint(&self, id: u32) {
@@ -522,7 +673,7 @@ impl ClusterInner {
         if !reg.watchers.iter().any(|w| w == me) {
             reg.watchers.push(me.clone());
         }
-        for r in reg.by_path.values() {
+        for r in reg.by_path.values().chain(reg.remote.values()) {
             let _ = me.endpoint().enqueue(Control::Up(r.clone()));
         }
     }
@@ -538,7 +689,7 @@ impl ClusterInner {
     pub(crate) fn begin_shutdown(&self) {
         let mut reg = lock(&self.registry);
         reg.shutting_down = true;
-        for r in reg.by_id.values().filter(|r| !r.is_isolate()) {
+        for r in reg.by_id.values().filter(|r| r.kind() == EndpointKind::Thread) {
             let _ = r.endpoint().enqueue(Control::Shutdown);
         }
     }
@@ -562,6 +713,9 @@ impl ClusterInner {
         };
         // Before any event goes out, so whoever gets one sees the reason in `wait_down`.
         me.set_down(reason.clone(), value);
+        if let Some(net) = self.net.get() {
+            net.local_down(me, &reason);
+        }
         if reg.by_path.get(me.path()).is_some_and(|r| r == me) {
             reg.by_path.remove(me.path());
         }
@@ -628,6 +782,7 @@ impl ClusterInner {
         let mut endpoints: Vec<EndpointStats> = reg
             .by_id
             .values()
+            .filter(|r| !r.is_remote())
             .map(|r| {
                 let c = &r.endpoint().counters;
                 EndpointStats {
@@ -916,6 +1071,10 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         self.inner.request_shutdown();
         let _ = self.inner.join(self.inner.config.drop_timeout);
+        // After the isolates' stops were announced: other nodes then see this one leave.
+        if let Some(net) = self.inner.net.get() {
+            net.leave();
+        }
         if let Some(ep) = uninstall_local(self.inner.id) {
             // With a mailbox open (its messages may still be alive), the endpoint is torn
             // down when the mailbox drops it.

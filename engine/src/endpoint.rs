@@ -55,6 +55,8 @@ pub(crate) enum Control {
     Shutdown,
     /// A supervision event; `true` when it is the node's (delivered to watchers).
     Supervision(crate::supervise::Notice, bool),
+    /// A node event (for node watchers).
+    Node(crate::cluster::NodeNotice),
 }
 
 /// Counters of one endpoint. Each is written by one thread only (plain load+store, no
@@ -243,6 +245,9 @@ pub(crate) struct Inbound {
     next_request: u64,
 }
 
+/// The link index `link_index` reports for an endpoint of another node (no ring).
+const REMOTE: usize = usize::MAX;
+
 /// Frames delivered from one link before the receiver moves on to the next.
 const BURST: usize = 32;
 /// Messages delivered at most while an event waits.
@@ -397,7 +402,7 @@ impl Inbound {
         };
         // A down event waits until everything its isolate sent before dying is read.
         if let Control::Down(r, _) = &ev {
-            let id = r.id();
+            let id = r.source_id();
             if let Some(i) = self
                 .links
                 .iter()
@@ -573,7 +578,7 @@ pub(crate) struct Meta {
 }
 
 impl Meta {
-    fn new(kind: FrameKind, tag: TypeTag, route: Route) -> Self {
+    pub(crate) fn new(kind: FrameKind, tag: TypeTag, route: Route) -> Self {
         Self {
             kind,
             flags: route.flags,
@@ -675,15 +680,20 @@ impl LocalEndpoint {
             out.last = (id, i);
             return Ok(i);
         }
-        let endpoint = match target {
-            Target::Ref(r) => r.endpoint().clone(),
-            Target::Id(id) => match self.cluster.endpoint_by_id(*id) {
-                Some(e) => e,
+        let target_ref = match target {
+            Target::Ref(r) => (*r).clone(),
+            Target::Id(id) => match self.cluster.ref_by_id(*id) {
+                Some(r) => r,
                 None => return Err(SendError::UnknownTarget(())),
             },
         };
+        let endpoint = target_ref.endpoint().clone();
         if endpoint.wake.is_closed() {
             return Err(SendError::Disconnected(()));
+        }
+        if target_ref.is_remote() {
+            // No ring: frames to another node go through the network (`send_remote`).
+            return Ok(REMOTE);
         }
         // A new target is often the restart of one that stopped: drop the links to
         // targets that have gone, so their rings do not stay allocated for as long as
@@ -756,17 +766,50 @@ impl LocalEndpoint {
         src: &mut impl FrameSource,
         mode: Mode,
     ) -> Result<(), SendError> {
-        let result = self.send_borrowed(target, meta, src, mode);
+        self.send_as(self.shared.id, target, meta, src, mode)
+    }
+
+    /// [`send`](Self::send) with `sender` in the header instead of this endpoint's id
+    /// (the network bridge delivers in the name of endpoints of other nodes).
+    #[inline]
+    fn send_as(
+        &self,
+        sender: u32,
+        target: Target<'_>,
+        meta: Meta,
+        src: &mut impl FrameSource,
+        mode: Mode,
+    ) -> Result<(), SendError> {
+        let result = self.send_borrowed(sender, target, meta, src, mode);
         if self.has_deferred.get() {
             self.run_deferred();
         }
         result
     }
 
+    /// Delivers a frame that came from another node to the endpoint `target` of this
+    /// node, in the name of `sender` (the local id of the remote sender). Never waits: a
+    /// full ring spills (the frame keeps its place in FIFO order; see `has_spills`).
+    pub(crate) fn deliver(
+        &self,
+        sender: u32,
+        target: u32,
+        meta: Meta,
+        src: &mut impl FrameSource,
+    ) -> Result<(), SendError> {
+        self.send_as(sender, Target::Id(target), meta, src, Mode::Spill)
+    }
+
+    /// Whether frames wait in spill queues (`flush_spills` writes those that fit now).
+    pub(crate) fn has_spills(&self) -> bool {
+        self.spilled_links.get() != 0
+    }
+
     /// `send`, with `outbound` borrowed throughout.
     #[inline]
     fn send_borrowed(
         &self,
+        sender: u32,
         target: Target<'_>,
         meta: Meta,
         src: &mut impl FrameSource,
@@ -780,10 +823,14 @@ impl LocalEndpoint {
             kind: meta.kind,
             flags: meta.flags,
             tag: meta.tag,
-            sender: self.shared.id,
+            sender,
             reply_to: meta.reply_to,
             correlation: meta.correlation,
         };
+        if i == REMOTE {
+            drop(guard);
+            return self.send_remote(&target, header, src);
+        }
         let link = &mut out.links[i];
         // The fast path: nothing spilled, target open, room in the ring. A target that
         // closes after the check is caught by `notify` after publishing (the frame is then
@@ -805,6 +852,34 @@ impl LocalEndpoint {
             return Ok(());
         }
         self.send_slow(out, i, header, src, mode)
+    }
+
+    /// Sends a frame to an endpoint of another node: built off the ring (at most a ring's
+    /// capacity, as for a local target) and handed to the network layer, which carries
+    /// it in order with this thread's other frames to that node. It never reports
+    /// `Full`: the network layer queues (and, when its queue is full, waits).
+    #[cold]
+    #[inline(never)]
+    fn send_remote(
+        &self,
+        target: &Target<'_>,
+        header: FrameHeader,
+        src: &mut impl FrameSource,
+    ) -> Result<(), SendError> {
+        let r = match target {
+            Target::Ref(r) => (*r).clone(),
+            Target::Id(id) => self
+                .cluster
+                .ref_by_id(*id)
+                .ok_or(SendError::UnknownTarget(()))?,
+        };
+        let Some(route) = &r.0.remote else {
+            return Err(SendError::UnknownTarget(()));
+        };
+        let frame = build_off_ring(header, src, self.cluster.config.ring_cells)?;
+        route.via.forward(route.id, &frame)?;
+        bump(&self.shared.counters.sent);
+        Ok(())
     }
 
     /// Everything but the fast path: spilled frames, a closed target, a full ring (wait
@@ -1013,7 +1088,19 @@ impl LocalEndpoint {
                 let mut guard = self.outbound.borrow_mut();
                 let out = &mut *guard;
                 let i = self.link_index(out, &target)?;
-                let link = &mut out.links[i];
+                let link = match out.links.get_mut(i) {
+                    Some(l) => l,
+                    // Another node's endpoint (no ring): one frame at a time below.
+                    None => {
+                        debug_assert_eq!(i, REMOTE);
+                        drop(guard);
+                        let route = Route::plain(self.shared.id);
+                        for v in &values[sent..] {
+                            self.send_copy(Target::Id(target.id()), v, route, mode)?;
+                        }
+                        return Ok(values.len());
+                    }
+                };
                 if link.spill.is_empty() && !link.target.wake.is_closed() {
                     let header = FrameHeader {
                         len: 0,

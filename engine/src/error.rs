@@ -23,6 +23,9 @@ pub enum PathError {
     DotSegment,
     /// A NUL byte or another control character.
     ControlCharacter,
+    /// A node or cluster name (`node:/path`) that is not 1 to 32 ASCII letters, digits,
+    /// `-` or `_`.
+    InvalidName,
 }
 
 impl fmt::Display for PathError {
@@ -35,6 +38,7 @@ impl fmt::Display for PathError {
             Self::TrailingSlash => "path ends with '/'",
             Self::DotSegment => "path has a '.' or '..' segment",
             Self::ControlCharacter => "path contains a NUL or control character",
+            Self::InvalidName => "node and cluster names are 1 to 32 of [A-Za-z0-9_-]",
         })
     }
 }
@@ -123,6 +127,9 @@ pub enum SendError<T = ()> {
     Serialize(T),
     /// The endpoint id a reply should go to is not known (its owner has gone).
     UnknownTarget(T),
+    /// The target is on another node and the value's type is not registered for the
+    /// network (`Network::wire_type`), so it cannot leave this process.
+    Unregistered(T),
 }
 
 impl<T> SendError<T> {
@@ -133,7 +140,8 @@ impl<T> SendError<T> {
             | Self::Disconnected(v)
             | Self::TooLarge { value: v, .. }
             | Self::Serialize(v)
-            | Self::UnknownTarget(v) => v,
+            | Self::UnknownTarget(v)
+            | Self::Unregistered(v) => v,
         }
     }
 
@@ -148,6 +156,7 @@ impl<T> SendError<T> {
             },
             Self::Serialize(_) => SendError::Serialize(()),
             Self::UnknownTarget(_) => SendError::UnknownTarget(()),
+            Self::Unregistered(_) => SendError::Unregistered(()),
         }
     }
 
@@ -162,6 +171,7 @@ impl<T> SendError<T> {
             },
             Self::Serialize(v) => SendError::Serialize(f(v)),
             Self::UnknownTarget(v) => SendError::UnknownTarget(f(v)),
+            Self::Unregistered(v) => SendError::Unregistered(f(v)),
         }
     }
 }
@@ -174,6 +184,7 @@ impl<T> fmt::Debug for SendError<T> {
             Self::TooLarge { capacity, .. } => write!(f, "TooLarge {{ capacity: {capacity} }}"),
             Self::Serialize(_) => f.write_str("Serialize(..)"),
             Self::UnknownTarget(_) => f.write_str("UnknownTarget(..)"),
+            Self::Unregistered(_) => f.write_str("Unregistered(..)"),
         }
     }
 }
@@ -200,6 +211,7 @@ where
             },
             Self::Serialize(v) => Self::Serialize(v.clone()),
             Self::UnknownTarget(v) => Self::UnknownTarget(v.clone()),
+            Self::Unregistered(v) => Self::Unregistered(v.clone()),
         }
     }
 }
@@ -215,6 +227,9 @@ impl<T> fmt::Display for SendError<T> {
             ),
             Self::Serialize(_) => f.write_str("the value failed to serialise"),
             Self::UnknownTarget(_) => f.write_str("the reply target is not known"),
+            Self::Unregistered(_) => f.write_str(
+                "the target is on another node and the type is not registered for the network",
+            ),
         }
     }
 }

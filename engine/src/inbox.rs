@@ -285,8 +285,23 @@ impl Inbox {
                     Notice::GaveUp(why) => Event::SupervisionGaveUp(why),
                 })
             }
+            Control::Node(n) => Some(match n {
+                crate::cluster::NodeNotice::Up(n) => Event::NodeUp(n),
+                crate::cluster::NodeNotice::Down(n) => Event::NodeDown(n),
+                crate::cluster::NodeNotice::Rejected { node, reason } => {
+                    Event::Rejected { node, reason }
+                }
+            }),
             Control::NewLink(..) => None,
         }
+    }
+
+    /// Watches the other nodes of the network: an [`Event::NodeUp`] for every live one
+    /// now and every later one, [`Event::NodeDown`] when one leaves or is lost, and
+    /// [`Event::Rejected`] when bytes from one are dropped. (Their isolates are watched
+    /// with [`watch_isolates`](Self::watch_isolates), like this node's.)
+    pub fn watch_nodes(&self) {
+        self.ep.cluster.watch_nodes(&self.ep.me);
     }
 
     /// Monitors `target`: exactly one [`Event::IsolateDown`] when it stops (at once if it

@@ -34,6 +34,9 @@ pub enum DownReason {
     Panicked(String),
     /// Its supervision gave up (too many restarts of its children); why.
     Escalated(String),
+    /// It ran on another node, which left the network or was lost (its lease ran out):
+    /// the node's name. Whether it still runs there is unknown.
+    NodeLost(String),
 }
 
 impl DownReason {
@@ -51,15 +54,41 @@ impl fmt::Display for DownReason {
             Self::Exited => f.write_str("exited with a value"),
             Self::Panicked(m) => write!(f, "panicked: {m}"),
             Self::Escalated(m) => write!(f, "escalated: {m}"),
+            Self::NodeLost(n) => write!(f, "its node {n} was lost"),
         }
     }
 }
 
-/// Is this endpoint an isolate or another thread?
+/// Is this endpoint an isolate or another thread, here or on another node?
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum EndpointKind {
     Isolate,
     Thread,
+    /// An isolate of another node (a proxy: sends to it go over the network).
+    RemoteIsolate,
+    /// Another thread's endpoint on another node (known from messages it sent).
+    RemoteThread,
+}
+
+/// The way out to another node: whatever carries frames to it (the network layer).
+pub(crate) trait Forward: Send + Sync {
+    /// Sends `frame` to endpoint `id` of the node. A transferred value in the frame is
+    /// consumed (serialised and dropped) only when this returns `Ok`; on error the caller
+    /// still owns it.
+    fn forward(&self, id: u32, frame: &crate::link::OwnedFrame) -> Result<(), SendError>;
+}
+
+/// Where a remote endpoint lives.
+pub(crate) struct RemoteRoute {
+    /// The link to its node.
+    pub via: Arc<dyn Forward>,
+    /// Its endpoint id on its node.
+    pub id: u32,
+    /// Its node's name.
+    pub node: String,
+    /// The local endpoint that delivers its messages here (the network bridge): its down
+    /// event waits until what the bridge delivered before it is read.
+    pub bridge: u32,
 }
 
 pub(crate) struct IsolateInfo {
@@ -70,6 +99,7 @@ pub(crate) struct IsolateInfo {
     pub endpoint: Arc<EndpointShared>,
     pub cluster: Weak<ClusterInner>,
     pub cluster_id: u64,
+    pub remote: Option<RemoteRoute>,
     down: Mutex<Option<DownReason>>,
     down_cv: Condvar,
     exit_value: Mutex<Option<Box<dyn Any + Send>>>,
@@ -97,6 +127,36 @@ impl IsolateRef {
         endpoint: Arc<EndpointShared>,
         cluster: &Arc<ClusterInner>,
     ) -> Self {
+        Self::with_route(path, props, kind, placement, endpoint, cluster, None)
+    }
+
+    /// A reference to an endpoint of another node, reached through `route`.
+    pub(crate) fn new_remote(
+        path: String,
+        props: Properties,
+        isolate: bool,
+        endpoint: Arc<EndpointShared>,
+        cluster: &Arc<ClusterInner>,
+        route: RemoteRoute,
+    ) -> Self {
+        let kind = if isolate {
+            EndpointKind::RemoteIsolate
+        } else {
+            EndpointKind::RemoteThread
+        };
+        let placement = Placement::Unpinned;
+        Self::with_route(path, props, kind, placement, endpoint, cluster, Some(route))
+    }
+
+    fn with_route(
+        path: String,
+        props: Properties,
+        kind: EndpointKind,
+        placement: Placement,
+        endpoint: Arc<EndpointShared>,
+        cluster: &Arc<ClusterInner>,
+        remote: Option<RemoteRoute>,
+    ) -> Self {
         Self(Arc::new(IsolateInfo {
             path,
             props,
@@ -105,18 +165,21 @@ impl IsolateRef {
             endpoint,
             cluster: Arc::downgrade(cluster),
             cluster_id: cluster.id,
+            remote,
             down: Mutex::new(None),
             down_cv: Condvar::new(),
             exit_value: Mutex::new(None),
         }))
     }
 
-    /// The isolate's path (`@thread-N` for a thread that is not an isolate).
+    /// The isolate's path (`@thread-N` for a thread that is not an isolate). An isolate
+    /// of another node has the path `node:/its/path` (`node:@N` for another thread there).
     pub fn path(&self) -> &str {
         &self.0.path
     }
 
-    /// The endpoint id: unique within the cluster, never reused.
+    /// The endpoint id: unique within this node's cluster, never reused (an endpoint of
+    /// another node gets a local id too; [`remote_id`](Self::remote_id) is its own).
     pub fn id(&self) -> u32 {
         self.0.endpoint.id
     }
@@ -136,9 +199,37 @@ impl IsolateRef {
         *lock(&self.0.placement)
     }
 
-    /// Whether this names an isolate (not another thread's endpoint).
+    /// Whether this names an isolate, here or on another node (not another thread's
+    /// endpoint).
     pub fn is_isolate(&self) -> bool {
-        self.0.kind == EndpointKind::Isolate
+        matches!(
+            self.0.kind,
+            EndpointKind::Isolate | EndpointKind::RemoteIsolate
+        )
+    }
+
+    /// Whether this names an endpoint of another node (sends go over the network).
+    pub fn is_remote(&self) -> bool {
+        self.0.remote.is_some()
+    }
+
+    /// The node of an endpoint of another node; `None` for this node's own.
+    pub fn node(&self) -> Option<&str> {
+        self.0.remote.as_ref().map(|r| r.node.as_str())
+    }
+
+    /// The endpoint's id on its own node (the same as [`id`](Self::id) for this node's).
+    pub fn remote_id(&self) -> u32 {
+        self.0.remote.as_ref().map_or(self.id(), |r| r.id)
+    }
+
+    pub(crate) fn kind(&self) -> EndpointKind {
+        self.0.kind
+    }
+
+    /// The endpoint whose ring carries this endpoint's messages here.
+    pub(crate) fn source_id(&self) -> u32 {
+        self.0.remote.as_ref().map_or(self.id(), |r| r.bridge)
     }
 
     /// Whether the isolate still reads messages.

@@ -76,6 +76,8 @@ mod inbox;
 mod isolate;
 mod link;
 mod message;
+#[cfg(feature = "zenoh")]
+pub mod net;
 mod path;
 pub mod supervise;
 mod sync;
@@ -96,7 +98,7 @@ pub use frame::{type_tag, TypeTag};
 pub use inbox::{Context, Inbox, Mailbox, RequestId};
 pub use isolate::{DownReason, IsolateRef, Placement};
 pub use message::{Broadcast, Event, Message, Replier};
-pub use path::{validate_path, Properties, PropertyValue};
+pub use path::{validate_name, validate_path, Properties, PropertyValue};
 pub use supervise::{Restart, Strategy, Supervision};
 pub use work::{Worker, WorkerPool};
 

@@ -45,6 +45,20 @@ pub enum Event<'a> {
     /// its children are being stopped and a shutdown request follows; it will go down as
     /// [`DownReason::Escalated`] with this text. For the node, sent to watchers.
     SupervisionGaveUp(String),
+    /// Another node joined the network (see
+    /// [`Inbox::watch_nodes`](crate::Inbox::watch_nodes)): its name.
+    NodeUp(String),
+    /// Another node left or was lost (its lease ran out): its name. Its isolates each go
+    /// down too (for watchers and monitors of them).
+    NodeDown(String),
+    /// Bytes from another node were rejected (malformed, hostile, or of a type not
+    /// registered here) and dropped. Counted in `NetStats::rejected`.
+    Rejected {
+        /// The node they came from (as named in the network key they arrived on).
+        node: String,
+        /// What was wrong.
+        reason: String,
+    },
 }
 
 impl fmt::Debug for Event<'_> {
@@ -57,6 +71,9 @@ impl fmt::Debug for Event<'_> {
             Self::ChildFailed(r, why) => write!(f, "ChildFailed({r}, {why})"),
             Self::ChildRestarted(r) => write!(f, "ChildRestarted({r})"),
             Self::SupervisionGaveUp(why) => write!(f, "SupervisionGaveUp({why})"),
+            Self::NodeUp(n) => write!(f, "NodeUp({n})"),
+            Self::NodeDown(n) => write!(f, "NodeDown({n})"),
+            Self::Rejected { node, reason } => write!(f, "Rejected({node}: {reason})"),
         }
     }
 }

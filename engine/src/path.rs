@@ -39,6 +39,26 @@ pub fn validate_path(path: &str) -> Result<(), PathError> {
     Ok(())
 }
 
+/// Checks a node or cluster name: 1 to 32 ASCII letters, digits, `-` or `_` (names
+/// become parts of network keys and socket file names).
+///
+/// ```
+/// use isolate_cluster::{validate_name, PathError};
+/// assert!(validate_name("edge-1").is_ok());
+/// assert_eq!(validate_name("a/b"), Err(PathError::InvalidName));
+/// ```
+pub fn validate_name(name: &str) -> Result<(), PathError> {
+    let ok = (1..=32).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(PathError::InvalidName)
+    }
+}
+
 /// One property value.
 #[derive(Clone, Debug, PartialEq)]
 pub enum PropertyValue {

@@ -882,6 +882,21 @@ enum Reply {
     Stopping,
 }
 
+/// Registers the scheduler's messages for the network (copy only): `add(check, local tag,
+/// wire tag)`. A client on one node can then drive a scheduler on another.
+#[cfg(feature = "zenoh")]
+pub(crate) fn register_wire_types(add: &mut dyn FnMut(fn(&[u8]) -> bool, crate::TypeTag, u64)) {
+    use crate::net::wire_entry;
+    for (check, local, wire) in [
+        wire_entry::<Request>(),
+        wire_entry::<Reply>(),
+        wire_entry::<ResultWire>(),
+        wire_entry::<InfoWire>(),
+    ] {
+        add(check, local, wire);
+    }
+}
+
 impl ArchivedReply {
     /// The error this reply stands for, if it is one.
     fn error(&self) -> Option<TaskError> {
