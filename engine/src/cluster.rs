@@ -451,20 +451,12 @@ impl ClusterInner {
 
     /// A new endpoint for the calling thread (not an isolate).
     pub(crate) fn thread_endpoint(self: &Arc<Self>) -> Rc<LocalEndpoint> {
-        Rc::new(self.plain_endpoint(None))
-    }
-
-    /// A new endpoint that is not an isolate, named after the calling thread or `name`.
-    pub(crate) fn plain_endpoint(self: &Arc<Self>, name: Option<&str>) -> LocalEndpoint {
         let id = self.next_id();
         let shared = Arc::new(EndpointShared::new(id, self.undelivered.clone()));
-        let name = match name {
-            Some(n) => format!("@{n}-{id}"),
-            None => std::thread::current()
-                .name()
-                .map(|n| format!("@{n}-{id}"))
-                .unwrap_or_else(|| format!("@thread-{id}")),
-        };
+        let name = std::thread::current()
+            .name()
+            .map(|n| format!("@{n}-{id}"))
+            .unwrap_or_else(|| format!("@thread-{id}"));
         let me = IsolateRef::new(
             name,
             Properties::new(),
@@ -479,12 +471,15 @@ impl ClusterInner {
             let _ = me.endpoint().enqueue(Control::Shutdown);
         }
         drop(reg);
-        LocalEndpoint::new(Arc::clone(self), me, self.config.wait)
+        Rc::new(LocalEndpoint::new(Arc::clone(self), me, self.config.wait))
     }
 
     /// A fresh endpoint for a proxy of another node's endpoint (nobody reads it).
     pub(crate) fn proxy_endpoint(&self) -> Arc<EndpointShared> {
-        Arc::new(EndpointShared::new(self.next_id(), self.undelivered.clone()))
+        Arc::new(EndpointShared::new(
+            self.next_id(),
+            self.undelivered.clone(),
+        ))
     }
 
     /// Registers a proxy of another node's endpoint; watchers hear of an isolate.
@@ -689,7 +684,11 @@ impl ClusterInner {
     pub(crate) fn begin_shutdown(&self) {
         let mut reg = lock(&self.registry);
         reg.shutting_down = true;
-        for r in reg.by_id.values().filter(|r| r.kind() == EndpointKind::Thread) {
+        for r in reg
+            .by_id
+            .values()
+            .filter(|r| r.kind() == EndpointKind::Thread)
+        {
             let _ = r.endpoint().enqueue(Control::Shutdown);
         }
     }

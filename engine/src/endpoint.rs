@@ -402,7 +402,7 @@ impl Inbound {
         };
         // A down event waits until everything its isolate sent before dying is read.
         if let Control::Down(r, _) = &ev {
-            let id = r.source_id();
+            let id = r.id();
             if let Some(i) = self
                 .links
                 .iter()
@@ -766,21 +766,7 @@ impl LocalEndpoint {
         src: &mut impl FrameSource,
         mode: Mode,
     ) -> Result<(), SendError> {
-        self.send_as(self.shared.id, target, meta, src, mode)
-    }
-
-    /// [`send`](Self::send) with `sender` in the header instead of this endpoint's id
-    /// (the network bridge delivers in the name of endpoints of other nodes).
-    #[inline]
-    fn send_as(
-        &self,
-        sender: u32,
-        target: Target<'_>,
-        meta: Meta,
-        src: &mut impl FrameSource,
-        mode: Mode,
-    ) -> Result<(), SendError> {
-        let result = self.send_borrowed(sender, target, meta, src, mode);
+        let result = self.send_borrowed(target, meta, src, mode);
         if self.has_deferred.get() {
             self.run_deferred();
         }
@@ -788,16 +774,15 @@ impl LocalEndpoint {
     }
 
     /// Delivers a frame that came from another node to the endpoint `target` of this
-    /// node, in the name of `sender` (the local id of the remote sender). Never waits: a
-    /// full ring spills (the frame keeps its place in FIFO order; see `has_spills`).
+    /// node (this endpoint is the proxy of its remote sender). Never waits: a full ring
+    /// spills (the frame keeps its place in FIFO order; see `has_spills`).
     pub(crate) fn deliver(
         &self,
-        sender: u32,
         target: u32,
         meta: Meta,
         src: &mut impl FrameSource,
     ) -> Result<(), SendError> {
-        self.send_as(sender, Target::Id(target), meta, src, Mode::Spill)
+        self.send(Target::Id(target), meta, src, Mode::Spill)
     }
 
     /// Whether frames wait in spill queues (`flush_spills` writes those that fit now).
@@ -809,7 +794,6 @@ impl LocalEndpoint {
     #[inline]
     fn send_borrowed(
         &self,
-        sender: u32,
         target: Target<'_>,
         meta: Meta,
         src: &mut impl FrameSource,
@@ -823,7 +807,7 @@ impl LocalEndpoint {
             kind: meta.kind,
             flags: meta.flags,
             tag: meta.tag,
-            sender,
+            sender: self.shared.id,
             reply_to: meta.reply_to,
             correlation: meta.correlation,
         };

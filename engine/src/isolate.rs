@@ -86,9 +86,6 @@ pub(crate) struct RemoteRoute {
     pub id: u32,
     /// Its node's name.
     pub node: String,
-    /// The local endpoint that delivers its messages here (the network bridge): its down
-    /// event waits until what the bridge delivered before it is read.
-    pub bridge: u32,
 }
 
 pub(crate) struct IsolateInfo {
@@ -225,11 +222,6 @@ impl IsolateRef {
 
     pub(crate) fn kind(&self) -> EndpointKind {
         self.0.kind
-    }
-
-    /// The endpoint whose ring carries this endpoint's messages here.
-    pub(crate) fn source_id(&self) -> u32 {
-        self.0.remote.as_ref().map_or(self.id(), |r| r.bridge)
     }
 
     /// Whether the isolate still reads messages.

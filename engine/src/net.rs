@@ -254,6 +254,9 @@ pub struct NetStats {
     /// Well-formed messages for an endpoint of this node that no longer exists (a request
     /// among them is answered with an error, so its caller does not wait).
     pub undeliverable: u64,
+    /// Envelopes from a node (incarnation) that had already left or was lost when they
+    /// arrived: dropped.
+    pub stale: u64,
     /// Live other nodes.
     pub nodes: usize,
 }
@@ -264,6 +267,7 @@ struct Counters {
     received: AtomicU64,
     rejected: AtomicU64,
     undeliverable: AtomicU64,
+    stale: AtomicU64,
 }
 
 // ---------------------------------------------------------------------------------------
@@ -420,6 +424,8 @@ const MSG_HEADER: usize = 32;
 /// Bytes before a control message's archive.
 const CTL_HEADER: usize = 8;
 const KNOWN_FLAGS: u8 = FLAG_CALL | FLAG_REPLY | FLAG_ERROR | FLAG_RAW;
+/// Why an envelope from a node that has left is dropped (not a rejection).
+const STALE: &str = "from a node that has left";
 
 /// A message envelope's header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -705,7 +711,30 @@ struct NodeState {
     inc: u64,
     link: Arc<NodeLink>,
     /// Its endpoints this node has proxies for, by their id there.
-    proxies: HashMap<u32, IsolateRef>,
+    proxies: HashMap<u32, Proxy>,
+}
+
+/// A remote endpoint as this node sees it: its reference, and the endpoint that writes
+/// its messages into this node's rings (created with its first message). Each remote
+/// sender so has its own ring to each local receiver, as a local sender would: holding
+/// a message from one sender never holds up another's messages or replies.
+struct Proxy {
+    r: IsolateRef,
+    out: Option<Delivery>,
+}
+
+impl Proxy {
+    /// Writes spilled frames, waiting up to `limit` for room (before the endpoint goes
+    /// down: what it sent is delivered first).
+    fn flush(&self, limit: Duration) {
+        let Some(out) = &self.out else { return };
+        let until = Instant::now() + limit;
+        out.0.flush_spills();
+        while out.0.has_spills() && Instant::now() < until {
+            std::thread::sleep(Duration::from_micros(200));
+            out.0.flush_spills();
+        }
+    }
 }
 
 #[derive(Default)]
@@ -715,15 +744,15 @@ struct State {
     gone: HashSet<(String, u64)>,
 }
 
-/// The endpoint that delivers what arrives from other nodes into this node's rings.
-struct Bridge(LocalEndpoint);
+/// The sending side of a proxy: writes what its remote endpoint sent into local rings.
+struct Delivery(LocalEndpoint);
 
 // SAFETY: `LocalEndpoint` is not `Send` because of its `RefCell`s and the raw pointers
-// into the rings and frames it owns, all of which move with it. The bridge is only ever
-// used under `Net::bridge`'s mutex, by one thread at a time. It only sends, and only with
-// `Mode::Spill`, which never parks, so the thread registered for its wake-ups (the one
-// that created it) is never needed; it never reads its inbound side.
-unsafe impl Send for Bridge {}
+// into the rings and frames it owns, all of which move with it. A delivery endpoint is
+// only ever used under `Net::state`'s mutex, by one thread at a time. It only sends, and
+// only with `Mode::Spill`, which never parks, so the thread registered for its wake-ups
+// (the one that created it) is never needed; nothing reads its inbound side.
+unsafe impl Send for Delivery {}
 
 /// Copies a payload from the network into ring memory and validates it there, before
 /// the frame is published.
@@ -767,8 +796,6 @@ pub(crate) struct Net {
     state: Mutex<State>,
     /// Links to live nodes, for announcements (taken with the registry locked).
     links: RwLock<Vec<Arc<NodeLink>>>,
-    bridge: Mutex<Bridge>,
-    bridge_id: u32,
     /// Subscribers and the liveliness token, dropped when the node leaves.
     keep: Mutex<Vec<Box<dyn std::any::Any + Send + Sync>>>,
     flusher: OnceLock<std::thread::Thread>,
@@ -808,8 +835,6 @@ impl Net {
         }
         let cluster = builder.build();
         let inner = cluster.inner().clone();
-        let bridge = inner.plain_endpoint(Some("net"));
-        let bridge_id = bridge.shared.id;
         let net = Arc::new(Net {
             cluster: Arc::downgrade(&inner),
             me: me.clone(),
@@ -820,8 +845,6 @@ impl Net {
             counters: Arc::new(Counters::default()),
             state: Mutex::new(State::default()),
             links: RwLock::new(Vec::new()),
-            bridge: Mutex::new(Bridge(bridge)),
-            bridge_id,
             keep: Mutex::new(Vec::new()),
             flusher: OnceLock::new(),
             left: AtomicBool::new(false),
@@ -868,7 +891,12 @@ impl Net {
         let token = self
             .session
             .liveliness()
-            .declare_token(format!("{}/node/{}/{}", self.prefix, self.me, hex(self.inc)))
+            .declare_token(format!(
+                "{}/node/{}/{}",
+                self.prefix,
+                self.me,
+                hex(self.inc)
+            ))
             .wait()
             .map_err(z)?;
         let mut keep = lock(&self.keep);
@@ -924,14 +952,14 @@ impl Net {
         let cluster = self.cluster().ok_or("node stopping")?;
         let mut st = lock(&self.state);
         if st.gone.contains(&(name.to_owned(), inc)) {
-            return Err("from a node that has left");
+            return Err(STALE);
         }
         if let Some(ns) = st.nodes.get(name) {
             match ns.inc.cmp(&inc) {
                 std::cmp::Ordering::Equal => return Ok(()),
                 std::cmp::Ordering::Greater => {
                     st.gone.insert((name.to_owned(), inc));
-                    return Err("from an older incarnation of a node");
+                    return Err(STALE);
                 }
                 // Restarted before its old session's lease ran out: the old one is gone.
                 std::cmp::Ordering::Less => {
@@ -998,11 +1026,11 @@ impl Net {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .retain(|l| !Arc::ptr_eq(l, &ns.link));
-        self.flush_bridge(Duration::from_millis(100));
-        let mut proxies: Vec<IsolateRef> = ns.proxies.into_values().collect();
-        proxies.sort_by_key(IsolateRef::id);
+        let mut proxies: Vec<Proxy> = ns.proxies.into_values().collect();
+        proxies.sort_by_key(|p| p.r.id());
         for p in proxies {
-            cluster.remote_down(&p, DownReason::NodeLost(name.to_owned()));
+            p.flush(Duration::from_millis(100));
+            cluster.remote_down(&p.r, DownReason::NodeLost(name.to_owned()));
         }
         cluster.node_event(NodeNotice::Down(name.to_owned()));
     }
@@ -1015,8 +1043,12 @@ impl Net {
             return self.reject("?", "unexpected key");
         };
         let bytes = s.payload().to_bytes();
-        if let Err(why) = self.handle(node, inc, &bytes) {
-            self.reject(node, why);
+        match self.handle(node, inc, &bytes) {
+            Ok(()) => {}
+            Err(STALE) => {
+                self.counters.stale.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(why) => self.reject(node, why),
         }
     }
 
@@ -1041,7 +1073,7 @@ impl Net {
         let mut st = lock(&self.state);
         let ns = match st.nodes.get_mut(node) {
             Some(ns) if ns.inc == inc => ns,
-            _ => return Err("from a node that has left"),
+            _ => return Err(STALE),
         };
         match ctl {
             Ctl::Hello(descs) => {
@@ -1054,8 +1086,8 @@ impl Net {
                 if let Some(p) = ns.proxies.remove(&id) {
                     drop(st);
                     // What it sent before is delivered first (spilled frames included).
-                    self.flush_bridge(Duration::from_millis(100));
-                    cluster.remote_down(&p, reason.into());
+                    p.flush(Duration::from_millis(100));
+                    cluster.remote_down(&p.r, reason.into());
                 }
             }
         }
@@ -1078,7 +1110,13 @@ impl Net {
                 },
             );
         }
-        let r = self.proxy(cluster, node, ns, d.id, Some((format!("{node}:{}", d.path), props)));
+        let r = self.proxy(
+            cluster,
+            node,
+            ns,
+            d.id,
+            Some((format!("{node}:{}", d.path), props)),
+        );
         cluster.remote_up(&r);
     }
 
@@ -1092,8 +1130,8 @@ impl Net {
         id: u32,
         desc: Option<(String, Properties)>,
     ) -> IsolateRef {
-        if let Some(r) = ns.proxies.get(&id) {
-            return r.clone();
+        if let Some(p) = ns.proxies.get(&id) {
+            return p.r.clone();
         }
         let isolate = desc.is_some();
         let (path, props) = desc.unwrap_or_else(|| (format!("{node}:@{id}"), Properties::new()));
@@ -1101,11 +1139,16 @@ impl Net {
             via: ns.link.clone(),
             id,
             node: node.to_owned(),
-            bridge: self.bridge_id,
         };
         let endpoint = cluster.proxy_endpoint();
         let r = IsolateRef::new_remote(path, props, isolate, endpoint, cluster, route);
-        ns.proxies.insert(id, r.clone());
+        ns.proxies.insert(
+            id,
+            Proxy {
+                r: r.clone(),
+                out: None,
+            },
+        );
         if !isolate {
             cluster.remote_up(&r);
         }
@@ -1115,25 +1158,9 @@ impl Net {
     fn on_msg(&self, node: &str, inc: u64, bytes: &[u8]) -> Result<(), &'static str> {
         let (h, payload) = MsgHeader::decode(bytes)?;
         let cluster = self.cluster().ok_or("node stopping")?;
-        let (sender, reply_to, link) = {
-            let mut st = lock(&self.state);
-            let ns = match st.nodes.get_mut(node) {
-                Some(ns) if ns.inc == inc => ns,
-                _ => return Err("from a node that has left"),
-            };
-            let sender = self.proxy(&cluster, node, ns, h.sender, None);
-            let reply_to = match h.reply_to {
-                0 => None,
-                id => Some(self.proxy(&cluster, node, ns, id, None)),
-            };
-            (sender, reply_to, ns.link.clone())
-        };
         let target = cluster
             .ref_by_id(h.target)
             .filter(|t| matches!(t.kind(), EndpointKind::Isolate | EndpointKind::Thread));
-        let Some(target) = target else {
-            return self.undeliverable(&link, &h);
-        };
         let raw = h.flags & FLAG_RAW != 0;
         let (tag, wire) = if raw {
             (h.tag, None)
@@ -1141,6 +1168,35 @@ impl Net {
             let t = self.types.by_wire.get(&h.tag).ok_or("unregistered type")?;
             (t.local, Some(t))
         };
+        let mut st = lock(&self.state);
+        let ns = match st.nodes.get_mut(node) {
+            Some(ns) if ns.inc == inc => ns,
+            _ => return Err(STALE),
+        };
+        let Some(target) = target else {
+            let link = ns.link.clone();
+            drop(st);
+            return self.undeliverable(&link, &h);
+        };
+        let reply_to = match h.reply_to {
+            0 => 0,
+            id => self.proxy(&cluster, node, ns, id, None).id(),
+        };
+        self.proxy(&cluster, node, ns, h.sender, None);
+        let link = ns.link.clone();
+        let Some(proxy) = ns.proxies.get_mut(&h.sender) else {
+            unreachable!("created just above");
+        };
+        let out = &proxy
+            .out
+            .get_or_insert_with(|| {
+                Delivery(LocalEndpoint::new(
+                    cluster.clone(),
+                    proxy.r.clone(),
+                    cluster.config.wait,
+                ))
+            })
+            .0;
         let meta = Meta {
             kind: if h.transfer {
                 FrameKind::Transfer
@@ -1150,17 +1206,17 @@ impl Net {
             flags: h.flags,
             tag,
             correlation: h.correlation,
-            reply_to: reply_to.as_ref().map_or(0, IsolateRef::id),
+            reply_to,
         };
-        let bridge = lock(&self.bridge);
-        let ep = &bridge.0;
         let result = if h.transfer {
-            let from = wire.and_then(|t| t.from_wire).ok_or("type cannot be transferred")?;
+            let from = wire
+                .and_then(|t| t.from_wire)
+                .ok_or("type cannot be transferred")?;
             let mut aligned = AlignedVec::<16>::with_capacity(payload.len());
             aligned.extend_from_slice(payload);
             let value = from(&aligned).ok_or("invalid payload")?;
             let (ptr, drop_fn) = (value.ptr, value.drop_fn);
-            let r = ep.deliver(sender.id(), target.id(), meta, &mut TransferSource(value));
+            let r = out.deliver(target.id(), meta, &mut TransferSource(value));
             if r.is_err() {
                 // SAFETY: the delivery failed, so no frame holds the value: drop it here.
                 unsafe { drop_fn(ptr) };
@@ -1171,10 +1227,10 @@ impl Net {
                 bytes: payload,
                 check: wire.map(|t| t.check),
             };
-            ep.deliver(sender.id(), target.id(), meta, &mut src)
+            out.deliver(target.id(), meta, &mut src)
         };
-        let spilled = ep.has_spills();
-        drop(bridge);
+        let spilled = out.has_spills();
+        drop(st);
         if spilled {
             if let Some(t) = self.flusher.get() {
                 t.unpark();
@@ -1210,20 +1266,17 @@ impl Net {
         Ok(())
     }
 
-    /// Writes the bridge's spilled frames, waiting up to `limit` for room.
-    fn flush_bridge(&self, limit: Duration) {
-        let until = Instant::now() + limit;
-        loop {
-            let pending = {
-                let b = lock(&self.bridge);
-                b.0.flush_spills();
-                b.0.has_spills()
-            };
-            if !pending || Instant::now() >= until {
-                return;
+    /// Writes spilled deliveries that fit now; whether some still wait.
+    fn flush_spills(&self) -> bool {
+        let st = lock(&self.state);
+        let mut pending = false;
+        for p in st.nodes.values().flat_map(|n| n.proxies.values()) {
+            if let Some(out) = &p.out {
+                out.0.flush_spills();
+                pending |= out.0.has_spills();
             }
-            std::thread::sleep(Duration::from_micros(200));
         }
+        pending
     }
 
     pub(crate) fn stats(&self) -> NetStats {
@@ -1232,6 +1285,7 @@ impl Net {
             received: self.counters.received.load(Ordering::Relaxed),
             rejected: self.counters.rejected.load(Ordering::Relaxed),
             undeliverable: self.counters.undeliverable.load(Ordering::Relaxed),
+            stale: self.counters.stale.load(Ordering::Relaxed),
             nodes: lock(&self.state).nodes.len(),
         }
     }
@@ -1277,7 +1331,6 @@ impl NetHooks for Net {
         if self.left.swap(true, Ordering::AcqRel) {
             return;
         }
-        self.flush_bridge(Duration::from_millis(200));
         if let Some(t) = self.flusher.get() {
             t.unpark();
         }
@@ -1296,15 +1349,11 @@ impl NetHooks for Net {
     }
 }
 
-/// Writes the bridge's spilled frames as rings free up (woken when a delivery spills).
+/// Writes spilled deliveries as rings free up (woken when a delivery spills).
 fn flush_loop(net: Weak<Net>) {
     loop {
         let pending = match net.upgrade() {
-            Some(n) if !n.left.load(Ordering::Acquire) => {
-                let b = lock(&n.bridge);
-                b.0.flush_spills();
-                b.0.has_spills()
-            }
+            Some(n) if !n.left.load(Ordering::Acquire) => n.flush_spills(),
             _ => return,
         };
         let nap = if pending {
@@ -1380,14 +1429,22 @@ fn open_session(network: &Network, inc: u64) -> Result<zenoh::Session, NetError>
     let listen = format!("[{}]", endpoint(&mine));
     let connect = format!(
         "[{}]",
-        peers.iter().map(|p| endpoint(p)).collect::<Vec<_>>().join(",")
+        peers
+            .iter()
+            .map(|p| endpoint(p))
+            .collect::<Vec<_>>()
+            .join(",")
     );
     config.insert_json5("mode", "\"peer\"").map_err(z)?;
     config
         .insert_json5("scouting/multicast/enabled", "false")
         .map_err(z)?;
-    config.insert_json5("listen/endpoints", &listen).map_err(z)?;
-    config.insert_json5("connect/endpoints", &connect).map_err(z)?;
+    config
+        .insert_json5("listen/endpoints", &listen)
+        .map_err(z)?;
+    config
+        .insert_json5("connect/endpoints", &connect)
+        .map_err(z)?;
     zenoh::open(config).wait().map_err(z)
 }
 

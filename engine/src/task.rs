@@ -934,7 +934,15 @@ impl TaskClient {
     /// Finds the scheduler at `path`, waiting up to `timeout` for it to be started, and
     /// checks that it answers (the seed's `client.connect(timeout: ...)`).
     pub fn connect(inbox: &Inbox, path: &str, timeout: Duration) -> Result<Self, TaskError> {
-        crate::path::validate_path(path).map_err(TaskError::Path)?;
+        // `node:/path` names a scheduler on another node.
+        let local = match path.split_once(':') {
+            Some((node, local)) if !path.starts_with('/') => {
+                crate::path::validate_name(node).map_err(TaskError::Path)?;
+                local
+            }
+            _ => path,
+        };
+        crate::path::validate_path(local).map_err(TaskError::Path)?;
         let deadline = Instant::now() + timeout;
         let mut nap = Duration::from_micros(100);
         loop {
