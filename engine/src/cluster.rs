@@ -283,11 +283,13 @@ pub(crate) trait NetHooks: Send + Sync {
     /// The node leaves the network (at shutdown).
     fn leave(&self);
     /// The concrete type (for the network layer's own queries).
+    #[cfg_attr(not(feature = "zenoh"), allow(dead_code))]
     fn as_any(self: Arc<Self>) -> Arc<dyn std::any::Any + Send + Sync>;
 }
 
 /// A node event for the endpoints that watch nodes.
 #[derive(Clone, Debug)]
+#[cfg_attr(not(feature = "zenoh"), allow(dead_code))]
 pub(crate) enum NodeNotice {
     Up(String),
     Down(String),
@@ -475,6 +477,7 @@ impl ClusterInner {
     }
 
     /// A fresh endpoint for a proxy of another node's endpoint (nobody reads it).
+    #[cfg_attr(not(feature = "zenoh"), allow(dead_code))]
     pub(crate) fn proxy_endpoint(&self) -> Arc<EndpointShared> {
         Arc::new(EndpointShared::new(
             self.next_id(),
@@ -483,6 +486,7 @@ impl ClusterInner {
     }
 
     /// Registers a proxy of another node's endpoint; watchers hear of an isolate.
+    #[cfg_attr(not(feature = "zenoh"), allow(dead_code))]
     pub(crate) fn remote_up(&self, r: &IsolateRef) {
         let mut reg = lock(&self.registry);
         reg.by_id.insert(r.id(), r.clone());
@@ -496,6 +500,7 @@ impl ClusterInner {
 
     /// A proxy's endpoint went down (it stopped, or its node was lost): closes it, so
     /// sends and calls to it fail, and tells watchers and monitors.
+    #[cfg_attr(not(feature = "zenoh"), allow(dead_code))]
     pub(crate) fn remote_down(&self, r: &IsolateRef, reason: DownReason) {
         let mut reg = lock(&self.registry);
         if !matches!(reg.by_id.get(&r.id()), Some(x) if x == r) {
@@ -522,6 +527,7 @@ impl ClusterInner {
     }
 
     /// Tells the node watchers; keeps the set of live nodes.
+    #[cfg_attr(not(feature = "zenoh"), allow(dead_code))]
     pub(crate) fn node_event(&self, notice: NodeNotice) {
         let mut reg = lock(&self.registry);
         match &notice {
@@ -552,12 +558,14 @@ impl ClusterInner {
     }
 
     /// The live other nodes, by name.
+    #[cfg_attr(not(feature = "zenoh"), allow(dead_code))]
     pub(crate) fn nodes(&self) -> Vec<String> {
         lock(&self.registry).nodes.iter().cloned().collect()
     }
 
     /// Runs `f` with the registry locked and this node's live isolates (for the network
     /// layer's greeting of a new node: no spawn or stop can slip between).
+    #[cfg_attr(not(feature = "zenoh"), allow(dead_code))]
     pub(crate) fn with_local_isolates<R>(&self, f: impl FnOnce(&[IsolateRef]) -> R) -> R {
         let reg = lock(&self.registry);
         let mut live: Vec<IsolateRef> = reg.by_path.values().cloned().collect();

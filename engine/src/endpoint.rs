@@ -776,6 +776,7 @@ impl LocalEndpoint {
     /// Delivers a frame that came from another node to the endpoint `target` of this
     /// node (this endpoint is the proxy of its remote sender). Never waits: a full ring
     /// spills (the frame keeps its place in FIFO order; see `has_spills`).
+    #[cfg_attr(not(feature = "zenoh"), allow(dead_code))]
     pub(crate) fn deliver(
         &self,
         target: u32,
@@ -786,6 +787,7 @@ impl LocalEndpoint {
     }
 
     /// Whether frames wait in spill queues (`flush_spills` writes those that fit now).
+    #[cfg_attr(not(feature = "zenoh"), allow(dead_code))]
     pub(crate) fn has_spills(&self) -> bool {
         self.spilled_links.get() != 0
     }

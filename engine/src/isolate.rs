@@ -61,6 +61,7 @@ impl fmt::Display for DownReason {
 
 /// Is this endpoint an isolate or another thread, here or on another node?
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(not(feature = "zenoh"), allow(dead_code))]
 pub(crate) enum EndpointKind {
     Isolate,
     Thread,
@@ -128,6 +129,7 @@ impl IsolateRef {
     }
 
     /// A reference to an endpoint of another node, reached through `route`.
+    #[cfg_attr(not(feature = "zenoh"), allow(dead_code))]
     pub(crate) fn new_remote(
         path: String,
         props: Properties,
