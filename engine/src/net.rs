@@ -380,7 +380,7 @@ impl WireTypes {
             Vec<f64>,
             Vec<String>
         );
-        crate::task::register_wire_types(&mut |check, local, wire| {
+        for (check, local, wire) in crate::task::wire_types() {
             let w = Arc::new(WireType {
                 wire,
                 local,
@@ -390,7 +390,7 @@ impl WireTypes {
             });
             t.by_local.insert(local, w.clone());
             t.by_wire.insert(wire, w);
-        });
+        }
         t
     }
 }
@@ -400,8 +400,11 @@ unsafe fn no_transfer(_: *mut u8) -> Option<Vec<u8>> {
     None
 }
 
-/// Registers a copy-only wire type through `add(check, local tag, wire tag)`.
-pub(crate) fn wire_entry<T>() -> (CheckFn, TypeTag, u64)
+/// A copy-only wire type: its check, local tag and wire tag.
+pub(crate) type WireEntry = (CheckFn, TypeTag, u64);
+
+/// The [`WireEntry`] of `T`.
+pub(crate) fn wire_entry<T>() -> WireEntry
 where
     T: Archive + 'static,
     T::Archived: Portable + for<'b> CheckBytes<HighValidator<'b, rkyv::rancor::Error>>,

@@ -882,19 +882,17 @@ enum Reply {
     Stopping,
 }
 
-/// Registers the scheduler's messages for the network (copy only): `add(check, local tag,
-/// wire tag)`. A client on one node can then drive a scheduler on another.
+/// The scheduler's messages, for the network (copy only): a client on one node can then
+/// drive a scheduler on another.
 #[cfg(feature = "zenoh")]
-pub(crate) fn register_wire_types(add: &mut dyn FnMut(fn(&[u8]) -> bool, crate::TypeTag, u64)) {
+pub(crate) fn wire_types() -> [crate::net::WireEntry; 4] {
     use crate::net::wire_entry;
-    for (check, local, wire) in [
+    [
         wire_entry::<Request>(),
         wire_entry::<Reply>(),
         wire_entry::<ResultWire>(),
         wire_entry::<InfoWire>(),
-    ] {
-        add(check, local, wire);
-    }
+    ]
 }
 
 impl ArchivedReply {

@@ -157,6 +157,19 @@ typedef enum {
    * This isolate's supervision gave up: `reason`.
    */
   IC_EVENT_SUPERVISION_GAVE_UP = 7,
+  /**
+   * Another node joined the network: `path` is its name. (Node events reach only
+   * node watchers, which the Rust API registers; a multi-node build only.)
+   */
+  IC_EVENT_NODE_UP = 8,
+  /**
+   * Another node left or was lost: `path` is its name.
+   */
+  IC_EVENT_NODE_DOWN = 9,
+  /**
+   * Bytes from another node were rejected: `path` is its name, `reason` why.
+   */
+  IC_EVENT_REJECTED = 10,
 } ic_event_kind;
 
 /**

@@ -101,6 +101,13 @@ pub enum ic_event_kind {
     IC_EVENT_CHILD_RESTARTED = 6,
     /// This isolate's supervision gave up: `reason`.
     IC_EVENT_SUPERVISION_GAVE_UP = 7,
+    /// Another node joined the network: `path` is its name. (Node events reach only
+    /// node watchers, which the Rust API registers; a multi-node build only.)
+    IC_EVENT_NODE_UP = 8,
+    /// Another node left or was lost: `path` is its name.
+    IC_EVENT_NODE_DOWN = 9,
+    /// Bytes from another node were rejected: `path` is its name, `reason` why.
+    IC_EVENT_REJECTED = 10,
 }
 
 /// How idle isolates wait (`ic_config.wait_strategy`).
@@ -860,6 +867,28 @@ fn hold(e: &Entered, ev: Event<'_>, out: &mut ic_message) -> R {
         }
         Event::ShutdownRequested => {
             view.kind = ic_event_kind::IC_EVENT_SHUTDOWN_REQUESTED as u32;
+        }
+        Event::NodeUp(node) => {
+            view.kind = ic_event_kind::IC_EVENT_NODE_UP as u32;
+            held.extra = Some(Box::new(HeldExtra {
+                path: Some(cstr(&node)),
+                ..HeldExtra::default()
+            }));
+        }
+        Event::NodeDown(node) => {
+            view.kind = ic_event_kind::IC_EVENT_NODE_DOWN as u32;
+            held.extra = Some(Box::new(HeldExtra {
+                path: Some(cstr(&node)),
+                ..HeldExtra::default()
+            }));
+        }
+        Event::Rejected { node, reason } => {
+            view.kind = ic_event_kind::IC_EVENT_REJECTED as u32;
+            held.extra = Some(Box::new(HeldExtra {
+                path: Some(cstr(&node)),
+                reason: Some(cstr(&reason)),
+                ..HeldExtra::default()
+            }));
         }
     }
     if let Some(x) = &held.extra {
