@@ -4,10 +4,22 @@
 //! `cargo bench --bench latency` (full, under 10 minutes on 2 cores);
 //! `IC_BENCH_QUICK=1 cargo bench --bench latency` (quick, under a minute);
 //! `IC_BENCH_GROUP=core` runs one group of cases only (core, payload, wake or rate; `task`
-//! runs only the scheduler section).
+//! runs only the scheduler section; `net`, with `--features net`, only the cross-process
+//! section).
 //! The report folder's path is printed at the end.
 
 use isolate_cluster_benches::cases;
+
+/// The cross-process section (with the `net` feature).
+fn net(cfg: Config) -> String {
+    #[cfg(feature = "net")]
+    return isolate_cluster_benches::net::cases(cfg);
+    #[cfg(not(feature = "net"))]
+    {
+        let _ = cfg;
+        String::new()
+    }
+}
 
 use std::fmt::Write as _;
 
@@ -18,6 +30,11 @@ use isolate_cluster_benches::{core_pair, cpu_model, Config, CountingAlloc};
 static ALLOC: CountingAlloc = CountingAlloc;
 
 fn main() {
+    // The other process of the cross-process cases.
+    #[cfg(feature = "net")]
+    if std::env::var_os("IC_BENCH_NET_CHILD").is_some() {
+        return isolate_cluster_benches::net::child();
+    }
     let cfg = Config::from_env();
     let Some(cores) = core_pair() else {
         println!("the latency bench needs two cores");
@@ -184,8 +201,9 @@ fn main() {
     }
 
     let scale = match only.as_deref() {
-        None => cases::scale(cfg) + &cases::jobs(cfg) + &cases::tasks(cfg),
+        None => cases::scale(cfg) + &cases::jobs(cfg) + &cases::tasks(cfg) + &net(cfg),
         Some("task") => cases::tasks(cfg),
+        Some("net") => net(cfg),
         Some(_) => String::new(),
     };
 

@@ -954,7 +954,7 @@ pub fn tasks(cfg: Config) -> String {
 }
 
 /// A markdown table of p50 / p99 / max, one row per histogram.
-fn quantile_table(md: &mut String, heading: &str, rows: &[(String, &Histogram<u64>)]) {
+pub(crate) fn quantile_table(md: &mut String, heading: &str, rows: &[(String, &Histogram<u64>)]) {
     let _ = writeln!(md, "| {heading} | p50 | p99 | max |");
     let _ = writeln!(md, "|---|---:|---:|---:|");
     for (name, h) in rows {

@@ -6,6 +6,8 @@
 //! one in an HDR histogram after a warm-up; ratios, not absolute times, are what travel.
 
 pub mod cases;
+#[cfg(feature = "net")]
+pub mod net;
 pub mod report;
 
 use std::time::{Duration, Instant};
