@@ -12,7 +12,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use hdrhistogram::Histogram;
 use isolate_cluster::net::zenoh::{self, Wait};
 use isolate_cluster::net::Network;
 use isolate_cluster::{Cluster, Event, Properties};
