@@ -14,11 +14,26 @@ use std::time::{Duration, Instant};
 
 use isolate_cluster::net::zenoh::{self, Wait};
 use isolate_cluster::net::Network;
-use isolate_cluster::{Cluster, Event, Properties};
+use isolate_cluster::{Cluster, Event, Properties, WaitStrategy};
 
 use crate::{histogram, record_since, Config};
 
 const T: Duration = Duration::from_secs(10);
+
+/// The wait strategy of both nodes: the default, or `IC_BENCH_NET_SPIN_US` of spinning
+/// before parking (0 parks at once: no spinning thread competes with Zenoh's threads for
+/// the cores).
+fn wait() -> WaitStrategy {
+    match std::env::var("IC_BENCH_NET_SPIN_US")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        Some(us) => WaitStrategy::SpinThenPark {
+            spin: Duration::from_micros(us),
+        },
+        None => WaitStrategy::default(),
+    }
+}
 
 fn raw_config(listen: Option<&Path>, connect: Option<&Path>) -> zenoh::Config {
     let mut c = zenoh::Config::default();
@@ -42,6 +57,7 @@ pub fn child() {
     let dir = PathBuf::from(std::env::var("IC_BENCH_NET_DIR").expect("IC_BENCH_NET_DIR"));
     let node = Cluster::builder()
         .node_name("far")
+        .wait_strategy(wait())
         .join(Network::new("bench").rendezvous_dir(&dir))
         .expect("join");
     node.spawn("/echo", Properties::new(), |ctx| {
@@ -126,6 +142,7 @@ pub fn cases(cfg: Config) -> String {
     std::fs::create_dir_all(&dir).expect("rendezvous dir");
     let node = Cluster::builder()
         .node_name("near")
+        .wait_strategy(wait())
         .join(Network::new("bench").rendezvous_dir(&dir))
         .expect("join");
     let mut child = Command::new(std::env::current_exe().expect("this bench"))
@@ -268,7 +285,8 @@ pub fn cases(cfg: Config) -> String {
     let mut md = String::new();
     let _ = writeln!(
         md,
-        "\n## Across processes (Zenoh, unix sockets, peer mode)\n\nTwo processes on this machine, {n} round trips each after {warm} warm-up, interleaved in {rounds} rounds. The engine: a mailbox calls an isolate of the other node (`call`). Raw Zenoh: a publisher and a subscriber on each side, the far callback publishing the answer at once.\n"
+        "\n## Across processes (Zenoh, unix sockets, peer mode)\n\nTwo processes on this machine, {n} round trips each after {warm} warm-up, interleaved in {rounds} rounds; isolates wait with {:?}. The engine: a mailbox calls an isolate of the other node (`call`). Raw Zenoh: a publisher and a subscriber on each side, the far callback publishing the answer at once.\n",
+        wait()
     );
     let rows = vec![
         ("isolate-cluster call across processes".to_owned(), &engine),
