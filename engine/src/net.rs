@@ -51,7 +51,8 @@
 //!   [`Event::NodeUp`](crate::Event::NodeUp) when a node's token appears and
 //!   [`Event::NodeDown`](crate::Event::NodeDown) when it goes: the node left, or Zenoh's
 //!   lease on its session ran out ([`Network::lease`]): a node killed with `kill -9` is
-//!   down within the lease. Its isolates then go down with
+//!   down within the lease (plus 100 ms, in which a leaving node's last announcements,
+//!   which Zenoh may send after the token's removal, still arrive). Its isolates then go down with
 //!   [`DownReason::NodeLost`](crate::DownReason::NodeLost); calls waiting on them return
 //!   [`CallError::TargetDown`](crate::CallError::TargetDown).
 //! - **Validation.** Nothing from the network is read before it is checked: envelopes
@@ -793,6 +794,8 @@ pub(crate) struct Net {
     me: String,
     inc: u64,
     prefix: String,
+    /// `ic/<network>/to/<me>/<incarnation>/`: where envelopes for this node arrive.
+    inbox_key: String,
     session: zenoh::Session,
     types: Arc<WireTypes>,
     counters: Arc<Counters>,
@@ -802,8 +805,13 @@ pub(crate) struct Net {
     /// Subscribers and the liveliness token, dropped when the node leaves.
     keep: Mutex<Vec<Box<dyn std::any::Any + Send + Sync>>>,
     flusher: OnceLock<std::thread::Thread>,
+    /// Nodes whose token went, to be declared lost after `LOST_GRACE`.
+    losing: Mutex<Vec<(String, u64, Instant)>>,
     left: AtomicBool,
 }
+
+/// How long a node whose liveliness token went is given for its last envelopes to arrive.
+const LOST_GRACE: Duration = Duration::from_millis(100);
 
 fn hex(v: u64) -> String {
     format!("{v:016x}")
@@ -842,6 +850,7 @@ impl Net {
             cluster: Arc::downgrade(&inner),
             me: me.clone(),
             inc,
+            inbox_key: format!("{prefix}/to/{me}/{}/", hex(inc)),
             prefix: prefix.clone(),
             session,
             types: Arc::new(network.types),
@@ -850,6 +859,7 @@ impl Net {
             links: RwLock::new(Vec::new()),
             keep: Mutex::new(Vec::new()),
             flusher: OnceLock::new(),
+            losing: Mutex::new(Vec::new()),
             left: AtomicBool::new(false),
         });
         let hooks: Arc<dyn NetHooks> = net.clone();
@@ -865,12 +875,7 @@ impl Net {
         let weak = Arc::downgrade(self);
         let data = self
             .session
-            .declare_subscriber(format!(
-                "{}/to/{}/{}/*/*",
-                self.prefix,
-                self.me,
-                hex(self.inc)
-            ))
+            .declare_subscriber(format!("{}*/*", self.inbox_key))
             .callback(move |s: Sample| {
                 if let Some(net) = weak.upgrade() {
                     net.on_data(&s);
@@ -945,7 +950,16 @@ impl Net {
             SampleKind::Put => {
                 let _ = self.node_seen(name, inc);
             }
-            SampleKind::Delete => self.node_lost(name, inc),
+            SampleKind::Delete => {
+                // Zenoh sends the token's removal at a higher priority than data: what
+                // the node sent just before leaving (its isolates' down announcements)
+                // may still be in flight. It gets a moment to arrive first.
+                let at = Instant::now() + LOST_GRACE;
+                lock(&self.losing).push((name.to_owned(), inc, at));
+                if let Some(t) = self.flusher.get() {
+                    t.unpark();
+                }
+            }
         }
     }
 
@@ -954,6 +968,10 @@ impl Net {
     fn node_seen(&self, name: &str, inc: u64) -> Result<(), &'static str> {
         let cluster = self.cluster().ok_or("node stopping")?;
         let mut st = lock(&self.state);
+        // Every envelope passes here: the known node costs one lookup, no allocation.
+        if st.nodes.get(name).is_some_and(|ns| ns.inc == inc) {
+            return Ok(());
+        }
         if st.gone.contains(&(name.to_owned(), inc)) {
             return Err(STALE);
         }
@@ -1041,8 +1059,7 @@ impl Net {
     fn on_data(&self, s: &Sample) {
         self.counters.received.fetch_add(1, Ordering::Relaxed);
         let key = s.key_expr().as_str();
-        let tail = format!("{}/to/{}/{}/", self.prefix, self.me, hex(self.inc));
-        let Some((node, inc)) = key.strip_prefix(&tail).and_then(parse_node) else {
+        let Some((node, inc)) = key.strip_prefix(&self.inbox_key).and_then(parse_node) else {
             return self.reject("?", "unexpected key");
         };
         let bytes = s.payload().to_bytes();
@@ -1352,18 +1369,32 @@ impl NetHooks for Net {
     }
 }
 
-/// Writes spilled deliveries as rings free up (woken when a delivery spills).
+/// Writes spilled deliveries as rings free up (woken when a delivery spills), and
+/// declares nodes lost once their grace has passed.
 fn flush_loop(net: Weak<Net>) {
     loop {
-        let pending = match net.upgrade() {
-            Some(n) if !n.left.load(Ordering::Acquire) => n.flush_spills(),
+        let mut nap = Duration::from_millis(100);
+        match net.upgrade() {
+            Some(n) if !n.left.load(Ordering::Acquire) => {
+                if n.flush_spills() {
+                    nap = Duration::from_micros(500);
+                }
+                let now = Instant::now();
+                let due: Vec<(String, u64, Instant)> = {
+                    let mut losing = lock(&n.losing);
+                    let (due, later) = losing.drain(..).partition(|l| l.2 <= now);
+                    *losing = later;
+                    if let Some(next) = losing.iter().map(|l| l.2).min() {
+                        nap = nap.min(next - now);
+                    }
+                    due
+                };
+                for (name, inc, _) in due {
+                    n.node_lost(&name, inc);
+                }
+            }
             _ => return,
-        };
-        let nap = if pending {
-            Duration::from_micros(500)
-        } else {
-            Duration::from_millis(100)
-        };
+        }
         std::thread::park_timeout(nap);
     }
 }
