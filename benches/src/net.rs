@@ -135,6 +135,26 @@ pub fn child() {
     let _ = raw.close().wait();
 }
 
+/// A subscriber on `key` that hands each sample's first 8 bytes, as a `u64`, to the
+/// returned channel.
+fn u64_subscriber(
+    raw: &zenoh::Session,
+    key: &'static str,
+) -> (zenoh::pubsub::Subscriber<()>, mpsc::Receiver<u64>) {
+    let (tx, rx) = mpsc::channel::<u64>();
+    let sub = raw
+        .declare_subscriber(key)
+        .callback(move |s| {
+            let b = s.payload().to_bytes();
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&b[..8]);
+            let _ = tx.send(u64::from_le_bytes(a));
+        })
+        .wait()
+        .expect("subscriber");
+    (sub, rx)
+}
+
 /// Measures, and returns the report section.
 pub fn cases(cfg: Config) -> String {
     let dir = std::env::temp_dir().join(format!("ic-bench-net-{}", std::process::id()));
@@ -177,28 +197,8 @@ pub fn cases(cfg: Config) -> String {
     let raw = zenoh::open(raw_config(None, Some(&dir.join("raw-far.sock"))))
         .wait()
         .expect("raw session");
-    let (tx, pongs) = mpsc::channel::<u64>();
-    let _pong = raw
-        .declare_subscriber("bench/raw/pong")
-        .callback(move |s| {
-            let b = s.payload().to_bytes();
-            let mut a = [0u8; 8];
-            a.copy_from_slice(&b[..8]);
-            let _ = tx.send(u64::from_le_bytes(a));
-        })
-        .wait()
-        .expect("subscriber");
-    let (ctx_tx, counted) = mpsc::channel::<u64>();
-    let _counted = raw
-        .declare_subscriber("bench/raw/counted")
-        .callback(move |s| {
-            let b = s.payload().to_bytes();
-            let mut a = [0u8; 8];
-            a.copy_from_slice(&b[..8]);
-            let _ = ctx_tx.send(u64::from_le_bytes(a));
-        })
-        .wait()
-        .expect("subscriber");
+    let (_pong, pongs) = u64_subscriber(&raw, "bench/raw/pong");
+    let (_counted, counted) = u64_subscriber(&raw, "bench/raw/counted");
     let block = zenoh::qos::CongestionControl::Block;
     let ping = raw
         .declare_publisher("bench/raw/ping")

@@ -1299,6 +1299,18 @@ impl Net {
         pending
     }
 
+    /// Sends an announcement to every known node (built only if there is one).
+    fn announce(&self, ctl: impl FnOnce() -> Ctl) {
+        let links = self.links.read().unwrap_or_else(|e| e.into_inner());
+        if links.is_empty() {
+            return;
+        }
+        let envelope = encode_ctl(&ctl());
+        for l in links.iter() {
+            let _ = l.put(envelope.clone());
+        }
+    }
+
     pub(crate) fn stats(&self) -> NetStats {
         NetStats {
             sent: self.counters.sent.load(Ordering::Relaxed),
@@ -1316,31 +1328,17 @@ impl NetHooks for Net {
         if isolate.kind() != EndpointKind::Isolate {
             return;
         }
-        let links = self.links.read().unwrap_or_else(|e| e.into_inner());
-        if links.is_empty() {
-            return;
-        }
-        let envelope = encode_ctl(&Ctl::Up(desc_of(isolate)));
-        for l in links.iter() {
-            let _ = l.put(envelope.clone());
-        }
+        self.announce(|| Ctl::Up(desc_of(isolate)));
     }
 
     fn local_down(&self, isolate: &IsolateRef, reason: &DownReason) {
         if isolate.kind() != EndpointKind::Isolate {
             return;
         }
-        let links = self.links.read().unwrap_or_else(|e| e.into_inner());
-        if links.is_empty() {
-            return;
-        }
-        let envelope = encode_ctl(&Ctl::Down {
+        self.announce(|| Ctl::Down {
             id: isolate.id(),
             reason: reason.into(),
         });
-        for l in links.iter() {
-            let _ = l.put(envelope.clone());
-        }
     }
 
     fn as_any(self: Arc<Self>) -> Arc<dyn std::any::Any + Send + Sync> {
