@@ -298,7 +298,7 @@ impl Inbound {
             }
             if let Some(frame) = l.overflow.pop_front() {
                 // `move_out_of_rings` routes replies as it fills the overflow queues.
-                debug_assert!(frame.header().flags & FLAG_REPLY == 0);
+                debug_assert!(frame.header().flags() & FLAG_REPLY == 0);
                 return Some(Polled::Owned { frame });
             }
             let frame = l.peek()?;
@@ -318,7 +318,7 @@ impl Inbound {
     /// Stashes a reply for its waiting request, or drops a late one and counts it.
     #[cold]
     fn route_reply(&mut self, frame: OwnedFrame, counters: &Counters) {
-        let id = frame.header().correlation;
+        let id = frame.header().correlation();
         if self.pending.contains_key(&id) {
             if let Some(old) = self.stash.insert(id, frame) {
                 // A second reply to the same request: keep the first, drop this one.
@@ -357,8 +357,8 @@ impl Inbound {
                 let Some(h) = FrameHeader::read_from(first) else {
                     unreachable!("in-process frames have valid headers")
                 };
-                let owned = if h.flags & FLAG_REPLY != 0 {
-                    if wanted == Some(h.correlation) && h.flags & FLAG_ERROR == 0 {
+                let owned = if h.flags() & FLAG_REPLY != 0 {
+                    if wanted == Some(h.correlation()) && h.flags() & FLAG_ERROR == 0 {
                         self.links[i].held = true;
                         self.held += 1;
                         return Some((i, f));
@@ -385,9 +385,24 @@ impl Inbound {
         if shared.control_pending() {
             self.accept(shared.take_control());
         }
+        if self.events.is_empty() {
+            // The common case, kept short: it is what a spinning receiver runs per turn.
+            if let Some(p) = self.poll_links(&shared.counters) {
+                return Some(p);
+            }
+            if !self.shutdown_requested {
+                return None;
+            }
+        }
+        self.poll_events(shared)
+    }
+
+    /// `poll` when events (or the shutdown request) wait.
+    #[inline(never)]
+    fn poll_events(&mut self, shared: &EndpointShared) -> Option<Polled> {
         // Messages first (what was sent before an event is usually read before it), but
-        // events never wait behind more than `EVENT_EVERY` messages.
-        if self.events.is_empty() || self.since_event < EVENT_EVERY {
+        // an event never waits behind more than `EVENT_EVERY` messages.
+        if !self.events.is_empty() && self.since_event < EVENT_EVERY {
             if let Some(p) = self.poll_links(&shared.counters) {
                 self.since_event += 1;
                 return Some(p);
@@ -395,10 +410,10 @@ impl Inbound {
         }
         self.since_event = 0;
         let Some(ev) = self.events.pop_front() else {
-            // The rings are empty (polled just above): the shutdown request comes last,
-            // after every message that was already in them.
+            // The rings are empty (polled just above, or by `poll`): the shutdown request
+            // comes last, after every message that was already in them.
             return std::mem::take(&mut self.shutdown_requested)
-                .then_some(Polled::Event(Control::Shutdown));
+                .then(|| Polled::Event(Control::Shutdown));
         };
         // A down event waits until everything its isolate sent before dying is read.
         if let Control::Down(r, _) = &ev {
@@ -612,6 +627,8 @@ pub(crate) struct LocalEndpoint {
     /// Scratch space rkyv serialises with (reused: no allocation in steady state).
     arena: RefCell<Arena>,
     pub strategy: WaitStrategy,
+    /// The strategy spins between polls (`BusySpin`, or `SpinThenPark` with a spin).
+    spins: bool,
     /// Links with spilled frames (checked without borrowing `outbound`).
     spilled_links: StdCell<usize>,
     /// A `Context` or `Mailbox` is reading this endpoint.
@@ -649,6 +666,11 @@ impl LocalEndpoint {
             }),
             arena: RefCell::new(Arena::new()),
             strategy,
+            spins: match strategy {
+                WaitStrategy::BusySpin => true,
+                WaitStrategy::Yield => false,
+                WaitStrategy::SpinThenPark { spin } => !spin.is_zero(),
+            },
             spilled_links: StdCell::new(0),
             inbox_open: StdCell::new(false),
             deferred: RefCell::new(Vec::new()),
@@ -804,19 +826,14 @@ impl LocalEndpoint {
         let mut guard = self.outbound.borrow_mut();
         let out = &mut *guard;
         let i = self.link_index(out, &target)?;
-        let header = FrameHeader {
-            len: 0,
-            kind: meta.kind,
-            flags: meta.flags,
-            tag: meta.tag,
-            sender: self.shared.id,
-            reply_to: meta.reply_to,
-            correlation: meta.correlation,
-        };
         if i == REMOTE {
             drop(guard);
-            return self.send_remote(&target, header, src);
+            return self.send_remote(&target, self.header(meta), src);
         }
+        // Built here and handed to `write` by value only: the slow path builds its own
+        // from `meta`, so this one never goes through memory (a copy of it made right
+        // after building it would stall on store forwarding).
+        let header = self.header(meta);
         let link = &mut out.links[i];
         // The fast path: nothing spilled, target open, room in the ring. A target that
         // closes after the check is caught by `notify` after publishing (the frame is then
@@ -837,7 +854,20 @@ impl LocalEndpoint {
             }
             return Ok(());
         }
-        self.send_slow(out, i, header, src, mode)
+        self.send_slow(out, i, meta, src, mode)
+    }
+
+    /// The header of a frame this endpoint sends (its length is set by the writer).
+    #[inline(always)]
+    fn header(&self, meta: Meta) -> FrameHeader {
+        FrameHeader::new(
+            meta.kind,
+            meta.flags,
+            meta.tag,
+            self.shared.id,
+            meta.reply_to,
+            meta.correlation,
+        )
     }
 
     /// Sends a frame to an endpoint of another node: built off the ring (at most a ring's
@@ -876,10 +906,11 @@ impl LocalEndpoint {
         &self,
         out: &mut Outbound,
         i: usize,
-        header: FrameHeader,
+        meta: Meta,
         src: &mut impl FrameSource,
         mode: Mode,
     ) -> Result<(), SendError> {
+        let header = self.header(meta);
         if out.links[i].target.wake.is_closed() {
             self.remove_link(out, i);
             return Err(SendError::Disconnected(()));
@@ -904,7 +935,7 @@ impl LocalEndpoint {
         let mut round = 0u32;
         // Transfers always fit; a spill checks the size itself; other frames are checked
         // once (see below).
-        let mut fit_checked = header.kind == FrameKind::Transfer || mode == Mode::Spill;
+        let mut fit_checked = header.kind() == FrameKind::Transfer || mode == Mode::Spill;
         // What the refused fast-path attempt found free (a later attempt finds its padding).
         let mut roomy = out.links[i].free_at_refusal * 2 >= out.links[i].capacity();
         loop {
@@ -1088,15 +1119,14 @@ impl LocalEndpoint {
                     }
                 };
                 if link.spill.is_empty() && !link.target.wake.is_closed() {
-                    let header = FrameHeader {
-                        len: 0,
-                        kind: FrameKind::Copy,
-                        flags: 0,
+                    let header = FrameHeader::new(
+                        FrameKind::Copy,
+                        0,
                         tag,
-                        sender: self.shared.id,
-                        reply_to: self.shared.id,
-                        correlation: 0,
-                    };
+                        self.shared.id,
+                        self.shared.id,
+                        0,
+                    );
                     let mut arena = self.arena.borrow_mut();
                     let rest = &values[sent..];
                     let n = link
@@ -1225,15 +1255,24 @@ impl LocalEndpoint {
     /// Waits a little for work per the wait strategy. Returns `false` once `deadline`
     /// has passed. Spurious returns are fine (the caller polls again). The clock is read
     /// only every 64 rounds, so spinning stays a tight loop.
+    #[inline(always)]
     pub(crate) fn idle(&self, idle: &mut IdleState, deadline: Option<Instant>) -> bool {
         idle.round = idle.round.wrapping_add(1);
+        if idle.round % 64 != 0 && self.spins {
+            std::hint::spin_loop();
+            return true;
+        }
+        self.idle_slow(idle, deadline)
+    }
+
+    /// `idle` for the rounds that yield, read the clock or park.
+    #[inline(never)]
+    fn idle_slow(&self, idle: &mut IdleState, deadline: Option<Instant>) -> bool {
         let park_at_once =
             matches!(self.strategy, WaitStrategy::SpinThenPark { spin } if spin.is_zero());
         if idle.round % 64 != 0 && !park_at_once {
-            match self.strategy {
-                WaitStrategy::Yield => std::thread::yield_now(),
-                _ => std::hint::spin_loop(),
-            }
+            // Yield (spinning strategies take the inline path in `idle`).
+            std::thread::yield_now();
             return true;
         }
         let now = Instant::now();
@@ -1348,7 +1387,7 @@ impl LocalEndpoint {
                 let mut inb = self.inbound.borrow_mut();
                 if let Some(f) = inb.stash.remove(&id) {
                     inb.pending.remove(&id);
-                    if f.header().flags & FLAG_ERROR != 0 {
+                    if f.header().flags() & FLAG_ERROR != 0 {
                         let text = error_text(&f);
                         f.discard();
                         return Err(CallError::Remote(text));
@@ -1504,7 +1543,7 @@ pub(crate) fn local_endpoint(
 fn error_text(frame: &OwnedFrame) -> String {
     let h = frame.header();
     let bytes = frame.payload();
-    if h.kind == FrameKind::Copy && h.tag == crate::frame::type_tag::<String>() {
+    if h.kind() == FrameKind::Copy && h.tag() == crate::frame::type_tag::<String>() {
         // SAFETY: in-process frames with the tag of `String` were serialised by rkyv from
         // a `String` (`reply_error`), 16-aligned, ending where the archive ends.
         let s = unsafe { rkyv::api::access_unchecked::<rkyv::Archived<String>>(bytes) };

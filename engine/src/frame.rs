@@ -95,23 +95,33 @@ impl FrameKind {
     }
 }
 
-/// The decoded frame header.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The decoded frame header, held as the four little-endian words it occupies in a cell
+/// (see the table above): `head` = len | kind << 32 | flags << 40, `tag`,
+/// `ids` = sender | reply_to << 32, `correlation`. Words rather than narrow fields, so
+/// that building a header and then copying it moves whole words: a wide load of several
+/// narrow stores just made cannot be forwarded from the store buffer and stalls.
+///
+/// Invariant: the kind byte is a valid [`FrameKind`] (every constructor checks it).
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub struct FrameHeader {
-    /// Payload length in bytes (skip frames: cells to skip).
-    pub len: u32,
-    /// What the payload is.
-    pub kind: FrameKind,
-    /// `FLAG_*` bits.
-    pub flags: u8,
-    /// Type tag of the payload.
-    pub tag: TypeTag,
-    /// Endpoint id of the sender, 0 for none.
-    pub sender: u32,
-    /// Endpoint id replies should go to, 0 for none.
-    pub reply_to: u32,
-    /// Correlation id for request/reply, 0 for none.
-    pub correlation: u64,
+    head: u64,
+    tag: u64,
+    ids: u64,
+    correlation: u64,
+}
+
+impl fmt::Debug for FrameHeader {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FrameHeader")
+            .field("len", &self.len())
+            .field("kind", &self.kind())
+            .field("flags", &self.flags())
+            .field("tag", &format_args!("{:#x}", self.tag))
+            .field("sender", &self.sender())
+            .field("reply_to", &self.reply_to())
+            .field("correlation", &self.correlation)
+            .finish()
+    }
 }
 
 #[inline]
@@ -128,30 +138,96 @@ fn le64(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(x)
 }
 
-/// The header as it lies in memory: the layout of the table above, every field stored
-/// little-endian (`to_le`/`from_le` are no-ops on little-endian machines).
-#[repr(C, align(16))]
-#[derive(Clone, Copy)]
-struct RawHeader {
-    len: u32,
-    kind: u8,
-    flags: u8,
-    reserved: u16,
-    tag: u64,
-    sender: u32,
-    reply_to: u32,
-    correlation: u64,
-}
-
-const _: () = assert!(std::mem::size_of::<RawHeader>() == HEADER_BYTES);
-
 impl FrameHeader {
+    /// A header with payload length 0 (writers set the length once the payload is in).
+    #[inline(always)]
+    pub fn new(
+        kind: FrameKind,
+        flags: u8,
+        tag: TypeTag,
+        sender: u32,
+        reply_to: u32,
+        correlation: u64,
+    ) -> Self {
+        Self {
+            head: (kind as u64) << 32 | u64::from(flags) << 40,
+            tag,
+            ids: u64::from(sender) | u64::from(reply_to) << 32,
+            correlation,
+        }
+    }
+
+    /// Payload length in bytes (skip frames: cells to skip).
+    #[allow(clippy::len_without_is_empty)] // a header field, not a collection
+    #[inline(always)]
+    pub fn len(&self) -> u32 {
+        self.head as u32
+    }
+
+    /// Sets the payload length.
+    #[inline(always)]
+    pub fn set_len(&mut self, len: u32) {
+        self.head = (self.head & !0xffff_ffff) | u64::from(len);
+    }
+
+    /// What the payload is.
+    #[inline(always)]
+    pub fn kind(&self) -> FrameKind {
+        match (self.head >> 32) as u8 {
+            1 => FrameKind::Copy,
+            2 => FrameKind::Transfer,
+            _ => FrameKind::Skip,
+        }
+    }
+
+    /// Whether the frame carries a moved value.
+    #[inline(always)]
+    pub fn is_transfer(&self) -> bool {
+        (self.head >> 32) as u8 == FrameKind::Transfer as u8
+    }
+
+    /// `FLAG_*` bits.
+    #[inline(always)]
+    pub fn flags(&self) -> u8 {
+        (self.head >> 40) as u8
+    }
+
+    /// Type tag of the payload.
+    #[inline(always)]
+    pub fn tag(&self) -> TypeTag {
+        self.tag
+    }
+
+    /// Replaces the type tag.
+    #[inline(always)]
+    pub fn set_tag(&mut self, tag: TypeTag) {
+        self.tag = tag;
+    }
+
+    /// Endpoint id of the sender, 0 for none.
+    #[inline(always)]
+    pub fn sender(&self) -> u32 {
+        self.ids as u32
+    }
+
+    /// Endpoint id replies should go to, 0 for none.
+    #[inline(always)]
+    pub fn reply_to(&self) -> u32 {
+        (self.ids >> 32) as u32
+    }
+
+    /// Correlation id for request/reply, 0 for none.
+    #[inline(always)]
+    pub fn correlation(&self) -> u64 {
+        self.correlation
+    }
+
     /// Cells taken by the whole frame, header included.
     #[inline]
     pub fn frame_cells(&self) -> usize {
-        match self.kind {
-            FrameKind::Skip => self.len as usize,
-            _ => frame_cells(self.len as usize),
+        match self.kind() {
+            FrameKind::Skip => self.len() as usize,
+            _ => frame_cells(self.len() as usize),
         }
     }
 
@@ -159,12 +235,9 @@ impl FrameHeader {
     #[inline]
     pub fn encode(&self) -> [u8; HEADER_BYTES] {
         let mut b = [0u8; HEADER_BYTES];
-        b[0..4].copy_from_slice(&self.len.to_le_bytes());
-        b[4] = self.kind as u8;
-        b[5] = self.flags;
+        b[0..8].copy_from_slice(&self.head.to_le_bytes());
         b[8..16].copy_from_slice(&self.tag.to_le_bytes());
-        b[16..20].copy_from_slice(&self.sender.to_le_bytes());
-        b[20..24].copy_from_slice(&self.reply_to.to_le_bytes());
+        b[16..24].copy_from_slice(&self.ids.to_le_bytes());
         b[24..32].copy_from_slice(&self.correlation.to_le_bytes());
         b
     }
@@ -179,57 +252,68 @@ impl FrameHeader {
         Some((le32(bytes, 0), FrameKind::from_u8(bytes[4])?))
     }
 
-    /// Decodes a whole header. `None` if it is short or of an unknown kind.
+    /// Decodes a whole header. `None` if it is short or of an unknown kind. The reserved
+    /// bytes 6 and 7 are ignored.
     #[inline]
     pub fn decode(bytes: &[u8]) -> Option<Self> {
         if bytes.len() < HEADER_BYTES {
             return None;
         }
-        let (len, kind) = Self::decode_first(bytes)?;
+        Self::from_words([
+            le64(bytes, 0),
+            le64(bytes, 8),
+            le64(bytes, 16),
+            le64(bytes, 24),
+        ])
+    }
+
+    /// The header from its four words; `None` for an unknown kind.
+    #[inline(always)]
+    fn from_words(w: [u64; 4]) -> Option<Self> {
+        FrameKind::from_u8((w[0] >> 32) as u8)?;
         Some(Self {
-            len,
-            kind,
-            flags: bytes[5],
-            tag: le64(bytes, 8),
-            sender: le32(bytes, 16),
-            reply_to: le32(bytes, 20),
-            correlation: le64(bytes, 24),
+            head: w[0] & 0x0000_ffff_ffff_ffff,
+            tag: w[1],
+            ids: w[2],
+            correlation: w[3],
         })
     }
 
     /// Writes the header at the start of `cell`.
-    #[inline]
+    #[inline(always)]
     pub fn write_to(&self, cell: *mut Cell) {
-        let raw = RawHeader {
-            len: self.len.to_le(),
-            kind: self.kind as u8,
-            flags: self.flags,
-            reserved: 0,
-            tag: self.tag.to_le(),
-            sender: self.sender.to_le(),
-            reply_to: self.reply_to.to_le(),
-            correlation: self.correlation.to_le(),
-        };
+        let w = [
+            self.head.to_le(),
+            self.tag.to_le(),
+            self.ids.to_le(),
+            self.correlation.to_le(),
+        ];
         // SAFETY: callers pass a pointer to a cell they may write (64-aligned, 64 bytes);
-        // RawHeader is 32 bytes with alignment 16.
-        unsafe { cell.cast::<RawHeader>().write(raw) }
+        // the header is its first 32 bytes.
+        unsafe { cell.cast::<[u64; 4]>().write(w) }
+    }
+
+    /// Reads the header of a frame this process wrote (or validated) into `cell`: no kind
+    /// check (an unknown kind would read as `Skip`, never as undefined behaviour).
+    #[inline(always)]
+    pub fn read_in_process(cell: &Cell) -> Self {
+        // SAFETY: as in `read_from`.
+        let w = unsafe { std::ptr::from_ref(cell).cast::<[u64; 4]>().read() };
+        Self {
+            head: u64::from_le(w[0]) & 0x0000_ffff_ffff_ffff,
+            tag: u64::from_le(w[1]),
+            ids: u64::from_le(w[2]),
+            correlation: u64::from_le(w[3]),
+        }
     }
 
     /// Reads the header at the start of `cell`; `None` for an unknown kind.
-    #[inline]
+    #[inline(always)]
     pub fn read_from(cell: &Cell) -> Option<Self> {
-        // SAFETY: a Cell is 64 initialised bytes, 64-aligned; RawHeader is plain data of
-        // 32 bytes (any bit pattern is valid) with alignment 16.
-        let raw = unsafe { std::ptr::from_ref(cell).cast::<RawHeader>().read() };
-        Some(Self {
-            len: u32::from_le(raw.len),
-            kind: FrameKind::from_u8(raw.kind)?,
-            flags: raw.flags,
-            tag: u64::from_le(raw.tag),
-            sender: u32::from_le(raw.sender),
-            reply_to: u32::from_le(raw.reply_to),
-            correlation: u64::from_le(raw.correlation),
-        })
+        // SAFETY: a Cell is 64 initialised bytes, 64-aligned; any bit pattern is a valid
+        // `[u64; 4]`.
+        let w = unsafe { std::ptr::from_ref(cell).cast::<[u64; 4]>().read() };
+        Self::from_words(w.map(u64::from_le))
     }
 
     /// A skip frame covering `cells` cells.
@@ -501,15 +585,34 @@ mod tests {
 
     #[test]
     fn header_round_trips() {
-        let h = FrameHeader {
-            len: 1234,
-            kind: FrameKind::Transfer,
-            flags: FLAG_REPLY | FLAG_ERROR,
-            tag: 0xdead_beef_1234_5678,
-            sender: 7,
-            reply_to: 9,
-            correlation: u64::MAX - 1,
-        };
+        let mut h = FrameHeader::new(
+            FrameKind::Transfer,
+            FLAG_REPLY | FLAG_ERROR,
+            0xdead_beef_1234_5678,
+            7,
+            9,
+            u64::MAX - 1,
+        );
+        h.set_len(1234);
+        assert_eq!(
+            (
+                h.len(),
+                h.kind(),
+                h.flags(),
+                h.tag(),
+                h.sender(),
+                h.reply_to()
+            ),
+            (
+                1234,
+                FrameKind::Transfer,
+                FLAG_REPLY | FLAG_ERROR,
+                0xdead_beef_1234_5678,
+                7,
+                9
+            )
+        );
+        assert_eq!(h.correlation(), u64::MAX - 1);
         let bytes = h.encode();
         assert_eq!(FrameHeader::decode(&bytes), Some(h));
         let mut cell = Cell::default();

@@ -41,15 +41,23 @@ fn payload(seq: u32, len: usize) -> Vec<u8> {
     p
 }
 
-/// Frames on a tiny ring against a `VecDeque` model: arbitrary sequences of single
-/// writes, batch writes and reads, with sizes that force wrap-around, skip frames, and
+/// Frames on a tiny ring (or one just large enough for the write window) against a
+/// `VecDeque` model: arbitrary sequences of single writes, batch writes and reads, with
+/// sizes that force wrap-around, skip frames, early returns to the start of the ring, and
 /// full and empty rings. Every frame reported written is read back once, in order, with
 /// its exact bytes; a write into a ring that holds no frame succeeds (at the latest once
 /// the reader has passed the skip frame that padded the ring's tail), and one is refused
 /// as too large only when it could never fit.
 pub fn frames(data: &[u8]) {
     let mut input = Input(data);
-    let cap = 2 + usize::from(input.byte() % 15);
+    // Mostly tiny rings; sometimes one large enough for the write window (`link::WINDOW`),
+    // so a writer whose reader keeps up goes back to the start early.
+    let b = input.byte();
+    let cap = if b & 0x80 != 0 {
+        4 * crate::link::WINDOW + usize::from(b % 64)
+    } else {
+        2 + usize::from(b % 15)
+    };
     let ring = new_ring(cap);
     let undelivered = Arc::new(AtomicU64::new(0));
     let ep = Arc::new(EndpointShared::new(1, undelivered));
@@ -57,15 +65,7 @@ pub fn frames(data: &[u8]) {
     let mut inl = InLink::new(ring.consumer, ep, ring.shared);
     let mut model: VecDeque<Vec<u8>> = VecDeque::new();
     let mut seq = 0u32;
-    let header = FrameHeader {
-        len: 0,
-        kind: FrameKind::Copy,
-        flags: 0,
-        tag: 7,
-        sender: 1,
-        reply_to: 1,
-        correlation: 0,
-    };
+    let header = FrameHeader::new(FrameKind::Copy, 0, 7, 1, 1, 0);
     // Payload sizes up to the whole ring and a little more.
     let size = |b: u8, scale: u8| -> usize {
         let max = cap * CELL_BYTES;
@@ -159,8 +159,8 @@ fn read_one(inl: &mut InLink, model: &mut VecDeque<Vec<u8>>) -> bool {
     // SAFETY: `peek` returned `f.cells` initialised cells in place, not yet committed.
     let cells = unsafe { std::slice::from_raw_parts(f.frame, f.cells) };
     let h = FrameHeader::read_from(&cells[0]).expect("a valid header");
-    assert_eq!(h.kind, FrameKind::Copy);
-    assert_eq!(h.len as usize, expected.len(), "frame length");
+    assert_eq!(h.kind(), FrameKind::Copy);
+    assert_eq!(h.len() as usize, expected.len(), "frame length");
     assert_eq!(f.cells, frame_cells(expected.len()), "frame cells");
     // SAFETY: the frame's payload follows its header inside these cells.
     let bytes = unsafe {

@@ -12,7 +12,7 @@ use crate::endpoint::{Control, IdleState, LocalEndpoint, Mode, Polled, Reply, Ro
 use crate::error::{CallError, LookupError, SendError, SpawnError};
 use crate::frame::FrameHeader;
 use crate::isolate::IsolateRef;
-use crate::message::{Body, Event, Message, Replier};
+use crate::message::{Event, Message, Replier};
 use crate::path::{Properties, PropertyValue};
 use crate::supervise::{Notice, Restart, Supervision};
 use crate::Payload;
@@ -151,12 +151,12 @@ impl Inbox {
                 let Some(header) = FrameHeader::read_from(first) else {
                     unreachable!("in-process frames have valid headers")
                 };
-                if header.kind == crate::frame::FrameKind::Skip {
-                    pos += header.len as usize;
-                    claim.cells += header.len as usize;
+                if header.kind() == crate::frame::FrameKind::Skip {
+                    pos += header.len() as usize;
+                    claim.cells += header.len() as usize;
                     continue;
                 }
-                if header.flags & crate::frame::FLAG_REPLY != 0 {
+                if header.flags() & crate::frame::FLAG_REPLY != 0 {
                     // Replies are routed to their request by `recv`/`wait_reply`.
                     break 'runs;
                 }
@@ -164,16 +164,8 @@ impl Inbox {
                 pos += cells;
                 claim.cells += cells;
                 claim.messages += 1;
-                let m = Message {
-                    ep: &self.ep,
-                    header,
-                    body: Body::Batch {
-                        frame: first,
-                        cells,
-                    },
-                    taken: false,
-                };
-                if header.kind == crate::frame::FrameKind::Transfer {
+                let m = Message::in_batch(&self.ep, first, cells);
+                if header.kind() == crate::frame::FrameKind::Transfer {
                     // Owns a value until taken: kept where the claim drops it even if `f`
                     // panics.
                     f(claim.current.insert(m));
@@ -202,29 +194,10 @@ impl Inbox {
             }
             match self.ep.poll() {
                 Some(Polled::Ring { link, frame }) => {
-                    // SAFETY: the frame is in place and uncommitted until the message drops.
-                    let first = unsafe { &*frame.frame };
-                    let Some(header) = FrameHeader::read_from(first) else {
-                        unreachable!("in-process frames have valid headers")
-                    };
-                    return Some(Event::Message(Message {
-                        ep: &self.ep,
-                        header,
-                        body: Body::Ring {
-                            link,
-                            frame: frame.frame,
-                            cells: frame.cells,
-                        },
-                        taken: false,
-                    }));
+                    return Some(Event::Message(Message::in_ring(&self.ep, link, frame)));
                 }
                 Some(Polled::Owned { frame }) => {
-                    return Some(Event::Message(Message {
-                        ep: &self.ep,
-                        header: frame.header(),
-                        body: Body::Owned(frame.cells),
-                        taken: false,
-                    }))
+                    return Some(Event::Message(Message::owned(&self.ep, frame.cells)))
                 }
                 Some(Polled::Event(c)) => {
                     if let Some(ev) = self.filter_event(c) {
@@ -573,29 +546,8 @@ impl Inbox {
     /// is forgotten; a late reply is dropped and counted, never delivered elsewhere.
     pub fn wait_reply(&self, id: RequestId, timeout: Duration) -> Result<Message<'_>, CallError> {
         match self.ep.wait_reply(id.0, Instant::now() + timeout)? {
-            Reply::Owned(frame) => Ok(Message {
-                ep: &self.ep,
-                header: frame.header(),
-                body: Body::Owned(frame.cells),
-                taken: false,
-            }),
-            Reply::InPlace { link, frame } => {
-                // SAFETY: the frame is in place and uncommitted until the message drops.
-                let first = unsafe { &*frame.frame };
-                let Some(header) = FrameHeader::read_from(first) else {
-                    unreachable!("in-process frames have valid headers")
-                };
-                Ok(Message {
-                    ep: &self.ep,
-                    header,
-                    body: Body::Ring {
-                        link,
-                        frame: frame.frame,
-                        cells: frame.cells,
-                    },
-                    taken: false,
-                })
-            }
+            Reply::Owned(frame) => Ok(Message::owned(&self.ep, frame.cells)),
+            Reply::InPlace { link, frame } => Ok(Message::in_ring(&self.ep, link, frame)),
         }
     }
 

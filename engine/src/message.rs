@@ -1,6 +1,7 @@
 //! Received messages and events.
 
 use std::fmt;
+use std::ptr::NonNull;
 
 use rkyv::{Archive, Portable};
 
@@ -11,6 +12,7 @@ use crate::frame::{
     FLAG_ERROR, FLAG_RAW, FLAG_REPLY, HEADER_BYTES,
 };
 use crate::isolate::{DownReason, IsolateRef};
+use crate::link::RingFrame;
 use crate::Payload;
 
 /// What a broadcast did ([`Inbox::broadcast`](crate::Inbox::broadcast),
@@ -78,19 +80,19 @@ impl fmt::Debug for Event<'_> {
     }
 }
 
-pub(crate) enum Body {
-    /// In place in ring `link`; the frame is consumed when the message is dropped.
-    Ring {
-        link: usize,
-        frame: *const Cell,
-        cells: usize,
-    },
-    /// The whole frame, moved out of its ring earlier (the receiver was blocked sending).
-    Owned(Box<[Cell]>),
-    /// In place in a ring read by a batch (`Inbox::try_recv_batch`), which consumes the
-    /// whole batch's cells at once after the last message.
-    Batch { frame: *const Cell, cells: usize },
-}
+/// Where a message's frame lives, in the top bits of `Message::bits`.
+const BODY_SHIFT: u32 = 60;
+/// In place in a ring (`link` in bits 32..60); the frame is consumed when the message
+/// drops.
+const BODY_RING: u64 = 0;
+/// A box of `cells` cells the message owns: the frame was moved out of its ring earlier
+/// (the receiver was blocked sending).
+const BODY_OWNED: u64 = 1;
+/// In place in a ring read by a batch (`Inbox::try_recv_batch`), which consumes the whole
+/// batch's cells at once after the last message.
+const BODY_BATCH: u64 = 2;
+/// The transferred value was taken.
+const TAKEN: u64 = 1 << 63;
 
 /// A received message, read in place from the ring (no copy, no deserialisation).
 ///
@@ -99,25 +101,69 @@ pub(crate) enum Body {
 /// dropped. Messages from other senders keep flowing.
 pub struct Message<'a> {
     pub(crate) ep: &'a LocalEndpoint,
-    pub(crate) header: FrameHeader,
-    pub(crate) body: Body,
-    pub(crate) taken: bool,
+    /// The frame's first cell (header, then payload).
+    frame: NonNull<Cell>,
+    /// Cells of the frame (bits 0..32), ring link (32..60), body kind (60..62), `TAKEN`.
+    /// Three words in all, so handing a message out moves little.
+    bits: u64,
 }
 
 impl<'a> Message<'a> {
-    /// The frame's first cell; the payload starts `HEADER_BYTES` into it.
-    fn frame(&self) -> *const Cell {
-        match &self.body {
-            Body::Ring { frame, .. } | Body::Batch { frame, .. } => *frame,
-            Body::Owned(b) => b.as_ptr(),
+    /// A frame read in place from ring `link`; the link is held until the message drops.
+    #[inline(always)]
+    pub(crate) fn in_ring(ep: &'a LocalEndpoint, link: usize, frame: RingFrame) -> Self {
+        debug_assert!(link < 1 << 28 && frame.cells <= u32::MAX as usize);
+        Self {
+            ep,
+            // SAFETY: ring frames point into the ring's buffer, never NULL.
+            frame: unsafe { NonNull::new_unchecked(frame.frame.cast_mut()) },
+            bits: frame.cells as u64 | (link as u64) << 32 | BODY_RING << BODY_SHIFT,
         }
     }
 
-    fn frame_cells(&self) -> usize {
-        match &self.body {
-            Body::Ring { cells, .. } | Body::Batch { cells, .. } => *cells,
-            Body::Owned(b) => b.len(),
+    /// A frame in place in a ring claimed by a batch read.
+    pub(crate) fn in_batch(ep: &'a LocalEndpoint, first: &Cell, cells: usize) -> Self {
+        Self {
+            ep,
+            frame: NonNull::from(first),
+            bits: cells as u64 | BODY_BATCH << BODY_SHIFT,
         }
+    }
+
+    /// A frame moved out of its ring: the message owns (and frees) the cells.
+    pub(crate) fn owned(ep: &'a LocalEndpoint, cells: Box<[Cell]>) -> Self {
+        let n = cells.len();
+        debug_assert!(n >= 1);
+        // SAFETY: `Box::into_raw` never returns NULL; `Drop` rebuilds the box from it.
+        let frame = unsafe { NonNull::new_unchecked(Box::into_raw(cells).cast::<Cell>()) };
+        Self {
+            ep,
+            frame,
+            bits: n as u64 | BODY_OWNED << BODY_SHIFT,
+        }
+    }
+
+    #[inline(always)]
+    fn body(&self) -> u64 {
+        (self.bits >> BODY_SHIFT) & 3
+    }
+
+    /// The frame's header.
+    #[inline(always)]
+    pub(crate) fn header(&self) -> FrameHeader {
+        // SAFETY: the frame's first cell stays in place, initialised, while `self` lives
+        // (an uncommitted ring cell or an owned box).
+        FrameHeader::read_in_process(unsafe { self.frame.as_ref() })
+    }
+
+    /// The frame's first cell; the payload starts `HEADER_BYTES` into it.
+    #[inline(always)]
+    fn frame(&self) -> *const Cell {
+        self.frame.as_ptr()
+    }
+
+    fn frame_cells(&self) -> usize {
+        self.bits as u32 as usize
     }
 
     fn payload_ptr(&self) -> *const u8 {
@@ -127,18 +173,18 @@ impl<'a> Message<'a> {
 
     /// The type tag of the payload.
     pub fn tag(&self) -> TypeTag {
-        self.header.tag
+        self.header().tag()
     }
 
     /// Whether this is a transfer (use [`take`](Self::take)) rather than a copy (use
     /// [`get`](Self::get)).
     pub fn is_transfer(&self) -> bool {
-        self.header.kind == FrameKind::Transfer
+        self.header().kind() == FrameKind::Transfer
     }
 
     /// The correlation id (0 for none).
     pub fn correlation(&self) -> u64 {
-        self.header.correlation
+        self.header().correlation()
     }
 
     /// The payload bytes of a copy message (empty for a transfer).
@@ -146,7 +192,7 @@ impl<'a> Message<'a> {
         if self.is_transfer() {
             return &[];
         }
-        let len = self.header.len as usize;
+        let len = self.header().len() as usize;
         debug_assert!(HEADER_BYTES + len <= self.frame_cells() * CELL_BYTES);
         // SAFETY: the payload holds `len` initialised bytes, 16-aligned, that stay in place
         // (uncommitted ring cells or an owned box) for as long as `self` lives.
@@ -166,17 +212,17 @@ impl<'a> Message<'a> {
 
     #[inline]
     fn check<T: 'static>(&self, kind: FrameKind) -> Result<(), AccessError> {
-        if self.header.kind != kind {
+        if self.header().kind() != kind {
             return Err(match kind {
                 FrameKind::Copy => AccessError::NotCopy,
                 _ => AccessError::NotTransfer,
             });
         }
         let expected = type_tag::<T>();
-        if self.header.tag != expected {
+        if self.header().tag() != expected {
             return Err(AccessError::TypeMismatch {
                 expected,
-                found: self.header.tag,
+                found: self.header().tag(),
             });
         }
         Ok(())
@@ -194,7 +240,7 @@ impl<'a> Message<'a> {
         T::Archived: Portable,
     {
         self.check::<T>(FrameKind::Copy)?;
-        if self.header.flags & FLAG_RAW != 0 || std::mem::align_of::<T::Archived>() > 16 {
+        if self.header().flags() & FLAG_RAW != 0 || std::mem::align_of::<T::Archived>() > 16 {
             // Raw bytes (`send_bytes`) were not written by rkyv from a `T`: only the
             // validating `get_checked` may read them. Payloads are only 16-aligned.
             return Err(AccessError::Invalid);
@@ -223,10 +269,10 @@ impl<'a> Message<'a> {
     /// Takes the value of a transfer message: the very allocation the sender boxed.
     pub fn take<T: Send + 'static>(&mut self) -> Result<Box<T>, AccessError> {
         self.check::<T>(FrameKind::Transfer)?;
-        if self.taken {
+        if self.bits & TAKEN != 0 {
             return Err(AccessError::AlreadyTaken);
         }
-        self.taken = true;
+        self.bits |= TAKEN;
         // SAFETY: a transfer frame with `T`'s tag was written by `send_transfer::<T>` in
         // this process from `Box::<T>::into_raw`; `taken` guarantees we reclaim it once.
         unsafe { Ok(Box::from_raw(self.transfer_payload().ptr.cast::<T>())) }
@@ -234,33 +280,33 @@ impl<'a> Message<'a> {
 
     /// The id of the sending endpoint.
     pub fn sender_id(&self) -> u32 {
-        self.header.sender
+        self.header().sender()
     }
 
     /// The id of the endpoint replies go to (0: none); usually the sender's.
     pub fn reply_to_id(&self) -> u32 {
-        self.header.reply_to
+        self.header().reply_to()
     }
 
     /// The sender, if it is still known to the cluster.
     pub fn sender(&self) -> Option<IsolateRef> {
-        self.ep.cluster.ref_by_id(self.header.sender)
+        self.ep.cluster.ref_by_id(self.header().sender())
     }
 
     /// Where replies go, if anywhere and still known to the cluster.
     pub fn reply_to(&self) -> Option<IsolateRef> {
-        self.ep.cluster.ref_by_id(self.header.reply_to)
+        self.ep.cluster.ref_by_id(self.header().reply_to())
     }
 
     /// Replies with a copy of `value` to the message's reply-to endpoint (an isolate or
     /// any other thread), with the same correlation id. Waits while the ring is full.
     #[inline]
     pub fn reply<T: Payload>(&self, value: &T) -> Result<(), SendError> {
-        if self.header.reply_to == 0 {
+        if self.header().reply_to() == 0 {
             return Err(SendError::UnknownTarget(()));
         }
         self.ep.send_copy(
-            Target::Id(self.header.reply_to),
+            Target::Id(self.header().reply_to()),
             value,
             self.reply_route(0),
             Mode::Block,
@@ -270,11 +316,11 @@ impl<'a> Message<'a> {
     /// Replies with raw bytes and an explicit tag (for example the bytes and tag of this
     /// very message, to echo it).
     pub fn reply_bytes(&self, tag: TypeTag, bytes: &[u8]) -> Result<(), SendError> {
-        if self.header.reply_to == 0 {
+        if self.header().reply_to() == 0 {
             return Err(SendError::UnknownTarget(()));
         }
         self.ep.send_bytes(
-            Target::Id(self.header.reply_to),
+            Target::Id(self.header().reply_to()),
             tag,
             bytes,
             Route {
@@ -290,11 +336,11 @@ impl<'a> Message<'a> {
         &self,
         value: Box<T>,
     ) -> Result<(), SendError<Box<T>>> {
-        if self.header.reply_to == 0 {
+        if self.header().reply_to() == 0 {
             return Err(SendError::UnknownTarget(value));
         }
         self.ep.send_transfer(
-            Target::Id(self.header.reply_to),
+            Target::Id(self.header().reply_to()),
             value,
             self.reply_route(0),
             Mode::Block,
@@ -305,11 +351,11 @@ impl<'a> Message<'a> {
     /// [`CallError::Remote`](crate::CallError::Remote) with this text. For a message that
     /// is not a request, sends the text as a `String` flagged as an error.
     pub fn reply_error(&self, error: &str) -> Result<(), SendError> {
-        if self.header.reply_to == 0 {
+        if self.header().reply_to() == 0 {
             return Err(SendError::UnknownTarget(()));
         }
         self.ep.send_copy(
-            Target::Id(self.header.reply_to),
+            Target::Id(self.header().reply_to()),
             &error.to_owned(),
             self.reply_route(FLAG_ERROR),
             Mode::Block,
@@ -327,20 +373,20 @@ impl<'a> Message<'a> {
     /// [`Inbox::reply`](crate::Inbox::reply).
     pub fn replier(&self) -> Replier {
         Replier {
-            reply_to: self.header.reply_to,
-            correlation: self.header.correlation,
-            request: self.header.flags & FLAG_CALL != 0,
+            reply_to: self.header().reply_to(),
+            correlation: self.header().correlation(),
+            request: self.header().flags() & FLAG_CALL != 0,
         }
     }
 
     /// Whether this message is a request (sent with `call`/`request`): reply to it.
     pub fn is_request(&self) -> bool {
-        self.header.flags & FLAG_CALL != 0
+        self.header().flags() & FLAG_CALL != 0
     }
 
     /// Whether this message is an error (see [`reply_error`](Self::reply_error)).
     pub fn is_error(&self) -> bool {
-        self.header.flags & FLAG_ERROR != 0
+        self.header().flags() & FLAG_ERROR != 0
     }
 }
 
@@ -368,7 +414,7 @@ impl Replier {
 
 impl Drop for Message<'_> {
     fn drop(&mut self) {
-        if self.header.kind == FrameKind::Transfer && !self.taken {
+        if self.header().is_transfer() && self.bits & TAKEN == 0 {
             // SAFETY: transfer frame written in this process; the value was not taken, so
             // this message is its only owner.
             unsafe {
@@ -376,8 +422,22 @@ impl Drop for Message<'_> {
                 (t.drop_fn)(t.ptr);
             }
         }
-        if let Body::Ring { link, cells, .. } = self.body {
-            self.ep.inbound.borrow_mut().release(link, cells);
+        match self.body() {
+            BODY_RING => {
+                let link = ((self.bits >> 32) & ((1 << 28) - 1)) as usize;
+                self.ep
+                    .inbound
+                    .borrow_mut()
+                    .release(link, self.frame_cells());
+            }
+            BODY_OWNED => {
+                let cells =
+                    std::ptr::slice_from_raw_parts_mut(self.frame.as_ptr(), self.frame_cells());
+                // SAFETY: made by `Box::into_raw` of a boxed slice of exactly this many
+                // cells in `owned`, and freed only here.
+                drop(unsafe { Box::from_raw(cells) });
+            }
+            _ => {}
         }
     }
 }
@@ -385,13 +445,13 @@ impl Drop for Message<'_> {
 impl fmt::Debug for Message<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Message")
-            .field("kind", &self.header.kind)
-            .field("flags", &self.header.flags)
-            .field("tag", &format_args!("{:#x}", self.header.tag))
-            .field("len", &self.header.len)
-            .field("sender", &self.header.sender)
-            .field("reply_to", &self.header.reply_to)
-            .field("correlation", &self.header.correlation)
+            .field("kind", &self.header().kind())
+            .field("flags", &self.header().flags())
+            .field("tag", &format_args!("{:#x}", self.header().tag()))
+            .field("len", &self.header().len())
+            .field("sender", &self.header().sender())
+            .field("reply_to", &self.header().reply_to())
+            .field("correlation", &self.header().correlation())
             .finish()
     }
 }

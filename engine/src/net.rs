@@ -669,21 +669,21 @@ impl Forward for NodeLink {
         let h = frame.header();
         let transfer = frame.transfer();
         let mut header = MsgHeader {
-            flags: h.flags,
+            flags: h.flags(),
             transfer: transfer.is_some(),
             target: id,
-            sender: h.sender,
-            reply_to: h.reply_to,
-            tag: h.tag,
-            correlation: h.correlation,
+            sender: h.sender(),
+            reply_to: h.reply_to(),
+            tag: h.tag(),
+            correlation: h.correlation(),
         };
-        let envelope = if h.flags & FLAG_RAW != 0 {
+        let envelope = if h.flags() & FLAG_RAW != 0 {
             header.encode(frame.payload())
         } else {
             let t = self
                 .types
                 .by_local
-                .get(&h.tag)
+                .get(&h.tag())
                 .ok_or(SendError::Unregistered(()))?;
             header.tag = t.wire;
             match transfer {
