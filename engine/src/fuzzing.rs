@@ -481,3 +481,36 @@ fn quiet_intended_panics() {
         }));
     });
 }
+
+/// Arbitrary bytes as an envelope from another node, judged by the checks a node makes
+/// before anything reads them: never a panic. An accepted message envelope decodes to a
+/// header that encodes back to exactly the same bytes; an accepted announcement decodes
+/// to one that encodes to bytes that are accepted again and encode to themselves.
+pub fn envelopes(data: &[u8]) {
+    use crate::wire::{check_envelope, decode_ctl, encode_ctl, MsgHeader, KIND_MSG};
+    if check_envelope(data).is_err() {
+        return;
+    }
+    if data[1] == KIND_MSG {
+        let (h, payload) = MsgHeader::decode(data).expect("an accepted message decodes");
+        assert_eq!(
+            h.encode(payload),
+            data,
+            "a message envelope re-encodes unchanged"
+        );
+    } else {
+        let ctl = decode_ctl(data).expect("an accepted announcement decodes");
+        let bytes = encode_ctl(&ctl);
+        assert_eq!(
+            check_envelope(&bytes),
+            Ok(()),
+            "a re-encoded announcement is accepted"
+        );
+        let again = decode_ctl(&bytes).expect("a re-encoded announcement decodes");
+        assert_eq!(
+            encode_ctl(&again),
+            bytes,
+            "announcements encode to a fixed point"
+        );
+    }
+}

@@ -87,6 +87,7 @@ pub mod task;
 pub mod wake;
 #[cfg(not(loom))]
 mod wake;
+mod wire;
 mod work;
 
 pub use cluster::{Builder, Cluster, CorePolicy, EndpointStats, Stats, WaitStrategy};

@@ -884,9 +884,8 @@ enum Reply {
 
 /// The scheduler's messages, for the network (copy only): a client on one node can then
 /// drive a scheduler on another.
-#[cfg(feature = "zenoh")]
-pub(crate) fn wire_types() -> [crate::net::WireEntry; 4] {
-    use crate::net::wire_entry;
+pub(crate) fn wire_types() -> [crate::wire::WireEntry; 4] {
+    use crate::wire::wire_entry;
     [
         wire_entry::<Request>(),
         wire_entry::<Reply>(),

@@ -72,3 +72,20 @@ fn routing_random() {
         fuzzing::routing(&data);
     }
 }
+
+#[test]
+fn envelopes_corpus() {
+    replay("envelopes", fuzzing::envelopes);
+}
+
+#[test]
+fn envelopes_random() {
+    for mut data in random_inputs(0xe4e1, 5_000, 160) {
+        // Mostly past the version and kind bytes, so the header checks are reached.
+        if data.len() > 1 && data[0] % 4 != 0 {
+            data[0] = 1;
+            data[1] = 1 + data[1] % 2;
+        }
+        fuzzing::envelopes(&data);
+    }
+}
