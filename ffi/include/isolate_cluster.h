@@ -123,6 +123,17 @@ typedef enum {
    * A panic inside the library was caught (detail in `ic_last_error`).
    */
   IC_ERR_PANIC = 19,
+  /**
+   * The network could not be joined: Zenoh refused the configuration or could not open
+   * its session, or the rendezvous directory could not be used (detail in
+   * `ic_last_error`).
+   */
+  IC_ERR_NETWORK = 20,
+  /**
+   * This build of the library has no network support (the `zenoh` cargo feature of
+   * isolate-cluster-ffi).
+   */
+  IC_ERR_UNSUPPORTED = 21,
 } ic_error;
 
 /**
@@ -159,7 +170,7 @@ typedef enum {
   IC_EVENT_SUPERVISION_GAVE_UP = 7,
   /**
    * Another node joined the network: `path` is its name. (Node events reach only
-   * node watchers, which the Rust API registers; a multi-node build only.)
+   * inboxes that called `ic_watch_nodes`.)
    */
   IC_EVENT_NODE_UP = 8,
   /**
@@ -374,6 +385,33 @@ ic_error ic_config_init(ic_config *cfg);
 ic_error ic_cluster_new(const ic_config *cfg, ic_cluster *out);
 
 /**
+ * Creates a cluster that joins the network `network` as node `cfg->node_name` (NULL
+ * names it "node"): nodes of the same network find each other, and an isolate of
+ * another node is named "node:/path" (`ic_lookup`, then send, transfer and call as to a
+ * local one; `ic_watch_nodes` gives node up and down events). Messages from C travel as
+ * raw bytes with their tags.
+ *
+ * `network` (1 to 32 of `[A-Za-z0-9_-]`, like node names) is required. `zenoh_json5`
+ * may be NULL: nodes then meet on this machine through unix sockets in `rendezvous_dir`
+ * (NULL: `$TMPDIR/isolate-cluster-<uid>/<network>`); otherwise it is a whole Zenoh
+ * configuration in JSON5 (endpoints, routers, TLS, user/password authentication).
+ * `lease_ms` is how long a silent node stays up (0: Zenoh's default, 10 s). `cfg` may be
+ * NULL (defaults); `out` receives the handle, freed with `ic_cluster_free`, which leaves
+ * the network.
+ *
+ * Errors: IC_ERR_INVALID_ARGUMENT (a bad node or network name, a configuration Zenoh
+ * refuses to parse), IC_ERR_DUPLICATE (a live node of the network has this name),
+ * IC_ERR_NETWORK (the session or the rendezvous directory failed), IC_ERR_UNSUPPORTED
+ * (built without the `zenoh` feature). Any thread.
+ */
+ic_error ic_cluster_join_network(const ic_config *cfg,
+                                 const char *network,
+                                 const char *zenoh_json5,
+                                 const char *rendezvous_dir,
+                                 uint64_t lease_ms,
+                                 ic_cluster *out);
+
+/**
  * Asks every isolate to shut down (children before parents); returns at once. Any
  * thread.
  */
@@ -549,6 +587,16 @@ ic_error ic_call(ic_inbox inbox,
  * node's supervision events). The inbox's thread only.
  */
 ic_error ic_watch_isolates(ic_inbox inbox);
+
+/**
+ * Subscribes `inbox` to the nodes of its cluster's network: an IC_EVENT_NODE_UP (the
+ * node's name in `path`) for each other live node now and each later one, an
+ * IC_EVENT_NODE_DOWN when one leaves or is lost, and an IC_EVENT_REJECTED (node in
+ * `path`, why in `reason`) when bytes from one are refused. IC_ERR_UNSUPPORTED without
+ * network support; on a cluster that joined no network, nothing ever arrives. The
+ * inbox's thread only.
+ */
+ic_error ic_watch_nodes(ic_inbox inbox);
 
 /**
  * Stops an isolate's receive loop: what was sent before is still delivered, then

@@ -79,6 +79,13 @@ pub enum ic_error {
     IC_ERR_THREAD = 18,
     /// A panic inside the library was caught (detail in `ic_last_error`).
     IC_ERR_PANIC = 19,
+    /// The network could not be joined: Zenoh refused the configuration or could not open
+    /// its session, or the rendezvous directory could not be used (detail in
+    /// `ic_last_error`).
+    IC_ERR_NETWORK = 20,
+    /// This build of the library has no network support (the `zenoh` cargo feature of
+    /// isolate-cluster-ffi).
+    IC_ERR_UNSUPPORTED = 21,
 }
 
 use ic_error::*;
@@ -102,7 +109,7 @@ pub enum ic_event_kind {
     /// This isolate's supervision gave up: `reason`.
     IC_EVENT_SUPERVISION_GAVE_UP = 7,
     /// Another node joined the network: `path` is its name. (Node events reach only
-    /// node watchers, which the Rust API registers; a multi-node build only.)
+    /// inboxes that called `ic_watch_nodes`.)
     IC_EVENT_NODE_UP = 8,
     /// Another node left or was lost: `path` is its name.
     IC_EVENT_NODE_DOWN = 9,
@@ -945,6 +952,8 @@ pub extern "C" fn ic_error_str(code: i32) -> *const c_char {
         17 => "IC_ERR_NOT_A_REQUEST: not a request, or nothing to take\0",
         18 => "IC_ERR_THREAD: the operating system refused a thread\0",
         19 => "IC_ERR_PANIC: a panic inside the library was caught\0",
+        20 => "IC_ERR_NETWORK: the network could not be joined\0",
+        21 => "IC_ERR_UNSUPPORTED: this library was built without network support\0",
         _ => "unknown error code\0",
     };
     s.as_ptr().cast()
@@ -984,54 +993,166 @@ pub unsafe extern "C" fn ic_config_init(cfg: *mut ic_config) -> ic_error {
     })
 }
 
+/// A builder configured as `cfg` says (NULL: the defaults), and its drop timeout.
+///
+/// # Safety
+/// `cfg` is NULL or points to an `ic_config` whose pointers follow its documentation.
+unsafe fn builder_from(cfg: *const ic_config) -> R<(engine::Builder, Duration)> {
+    let mut b = Cluster::builder();
+    if !cfg.is_null() {
+        // SAFETY: non-NULL, points to an ic_config per the contract.
+        let c = unsafe { *cfg };
+        b = b.ring_capacity(c.ring_capacity);
+        b = b.wait_strategy(match c.wait_strategy {
+            0 => WaitStrategy::SpinThenPark {
+                spin: Duration::from_nanos(c.spin_ns),
+            },
+            1 => WaitStrategy::BusySpin,
+            2 => WaitStrategy::Yield,
+            v => return err(IC_ERR_INVALID_ARGUMENT, format!("wait_strategy {v}")),
+        });
+        b = b.core_policy(match c.core_policy {
+            0 => CorePolicy::Dedicated,
+            1 => CorePolicy::Shared,
+            2 => CorePolicy::Unpinned,
+            v => return err(IC_ERR_INVALID_ARGUMENT, format!("core_policy {v}")),
+        });
+        b = b.drop_timeout(Duration::from_millis(c.drop_timeout_ms));
+        if c.n_cores > 0 {
+            non_null(c.cores, "cores")?;
+            // SAFETY: `cores` points to `n_cores` entries per the contract.
+            let list = unsafe { std::slice::from_raw_parts(c.cores, c.n_cores) };
+            b = b.cores(list.to_vec());
+        }
+        if !c.node_name.is_null() {
+            // SAFETY: a NUL-terminated string per the contract.
+            b = b.node_name(unsafe { str_arg(c.node_name, "node_name") }?);
+        }
+    }
+    let drop_timeout = if cfg.is_null() {
+        Duration::from_secs(2)
+    } else {
+        // SAFETY: non-NULL, points to an ic_config per the contract.
+        Duration::from_millis(unsafe { (*cfg).drop_timeout_ms })
+    };
+    Ok((b, drop_timeout))
+}
+
 /// Creates a cluster. `cfg` may be NULL (defaults); `out` receives the handle. The
 /// caller owns the cluster and frees it with `ic_cluster_free`. Any thread.
 #[no_mangle]
 pub unsafe extern "C" fn ic_cluster_new(cfg: *const ic_config, out: *mut ic_cluster) -> ic_error {
     guard(|| {
         non_null(out, "out")?;
-        let mut b = Cluster::builder();
-        if !cfg.is_null() {
-            // SAFETY: non-NULL, points to an ic_config per the contract.
-            let c = unsafe { *cfg };
-            b = b.ring_capacity(c.ring_capacity);
-            b = b.wait_strategy(match c.wait_strategy {
-                0 => WaitStrategy::SpinThenPark {
-                    spin: Duration::from_nanos(c.spin_ns),
-                },
-                1 => WaitStrategy::BusySpin,
-                2 => WaitStrategy::Yield,
-                v => return err(IC_ERR_INVALID_ARGUMENT, format!("wait_strategy {v}")),
-            });
-            b = b.core_policy(match c.core_policy {
-                0 => CorePolicy::Dedicated,
-                1 => CorePolicy::Shared,
-                2 => CorePolicy::Unpinned,
-                v => return err(IC_ERR_INVALID_ARGUMENT, format!("core_policy {v}")),
-            });
-            b = b.drop_timeout(Duration::from_millis(c.drop_timeout_ms));
-            if c.n_cores > 0 {
-                non_null(c.cores, "cores")?;
-                // SAFETY: `cores` points to `n_cores` entries per the contract.
-                let list = unsafe { std::slice::from_raw_parts(c.cores, c.n_cores) };
-                b = b.cores(list.to_vec());
-            }
-            if !c.node_name.is_null() {
-                // SAFETY: a NUL-terminated string per the contract.
-                b = b.node_name(unsafe { str_arg(c.node_name, "node_name") }?);
-            }
-        }
-        let drop_timeout = if cfg.is_null() {
-            Duration::from_secs(2)
-        } else {
-            // SAFETY: non-NULL, points to an ic_config per the contract.
-            Duration::from_millis(unsafe { (*cfg).drop_timeout_ms })
-        };
+        // SAFETY: `cfg` is NULL or a valid ic_config per the contract.
+        let (b, drop_timeout) = unsafe { builder_from(cfg) }?;
         let h = lock(&CLUSTERS).insert((Arc::new(b.build()), drop_timeout));
         // SAFETY: non-NULL and writable per the contract.
         unsafe { out.write(h) };
         Ok(())
     })
+}
+
+/// Creates a cluster that joins the network `network` as node `cfg->node_name` (NULL
+/// names it "node"): nodes of the same network find each other, and an isolate of
+/// another node is named "node:/path" (`ic_lookup`, then send, transfer and call as to a
+/// local one; `ic_watch_nodes` gives node up and down events). Messages from C travel as
+/// raw bytes with their tags.
+///
+/// `network` (1 to 32 of `[A-Za-z0-9_-]`, like node names) is required. `zenoh_json5`
+/// may be NULL: nodes then meet on this machine through unix sockets in `rendezvous_dir`
+/// (NULL: `$TMPDIR/isolate-cluster-<uid>/<network>`); otherwise it is a whole Zenoh
+/// configuration in JSON5 (endpoints, routers, TLS, user/password authentication).
+/// `lease_ms` is how long a silent node stays up (0: Zenoh's default, 10 s). `cfg` may be
+/// NULL (defaults); `out` receives the handle, freed with `ic_cluster_free`, which leaves
+/// the network.
+///
+/// Errors: IC_ERR_INVALID_ARGUMENT (a bad node or network name, a configuration Zenoh
+/// refuses to parse), IC_ERR_DUPLICATE (a live node of the network has this name),
+/// IC_ERR_NETWORK (the session or the rendezvous directory failed), IC_ERR_UNSUPPORTED
+/// (built without the `zenoh` feature). Any thread.
+#[no_mangle]
+pub unsafe extern "C" fn ic_cluster_join_network(
+    cfg: *const ic_config,
+    network: *const c_char,
+    zenoh_json5: *const c_char,
+    rendezvous_dir: *const c_char,
+    lease_ms: u64,
+    out: *mut ic_cluster,
+) -> ic_error {
+    guard(|| {
+        non_null(out, "out")?;
+        // SAFETY: NUL-terminated per the contract.
+        let name = unsafe { str_arg(network, "network") }?;
+        let json = if zenoh_json5.is_null() {
+            None
+        } else {
+            // SAFETY: NUL-terminated per the contract.
+            Some(unsafe { str_arg(zenoh_json5, "zenoh_json5") }?)
+        };
+        let dir = if rendezvous_dir.is_null() {
+            None
+        } else {
+            // SAFETY: NUL-terminated per the contract.
+            Some(unsafe { str_arg(rendezvous_dir, "rendezvous_dir") }?)
+        };
+        // SAFETY: `cfg` is NULL or a valid ic_config per the contract.
+        let (b, drop_timeout) = unsafe { builder_from(cfg) }?;
+        let cluster = join_network(b, name, json, dir, lease_ms)?;
+        let h = lock(&CLUSTERS).insert((Arc::new(cluster), drop_timeout));
+        // SAFETY: non-NULL and writable per the contract.
+        unsafe { out.write(h) };
+        Ok(())
+    })
+}
+
+#[cfg(feature = "zenoh")]
+fn join_network(
+    b: engine::Builder,
+    name: &str,
+    json: Option<&str>,
+    dir: Option<&str>,
+    lease_ms: u64,
+) -> R<Cluster> {
+    use engine::net::{zenoh, NetError, Network};
+    let mut n = Network::new(name);
+    if let Some(j) = json {
+        let config = zenoh::Config::from_json5(j).map_err(|e| {
+            (
+                IC_ERR_INVALID_ARGUMENT,
+                format!("zenoh_json5 is not a Zenoh configuration: {e}"),
+            )
+        })?;
+        n = n.zenoh_config(config);
+    }
+    if let Some(d) = dir {
+        n = n.rendezvous_dir(d);
+    }
+    if lease_ms > 0 {
+        n = n.lease(Duration::from_millis(lease_ms));
+    }
+    b.join(n).map_err(|e| {
+        let code = match &e {
+            NetError::InvalidName(_) => IC_ERR_INVALID_ARGUMENT,
+            NetError::DuplicateNode(_) => IC_ERR_DUPLICATE,
+            _ => IC_ERR_NETWORK,
+        };
+        (code, e.to_string())
+    })
+}
+
+#[cfg(not(feature = "zenoh"))]
+fn join_network(
+    _b: engine::Builder,
+    _name: &str,
+    _json: Option<&str>,
+    _dir: Option<&str>,
+    _lease_ms: u64,
+) -> R<Cluster> {
+    err(
+        IC_ERR_UNSUPPORTED,
+        "built without network support: build isolate-cluster-ffi with the `zenoh` feature",
+    )
 }
 
 /// Asks every isolate to shut down (children before parents); returns at once. Any
@@ -1583,6 +1704,31 @@ pub extern "C" fn ic_watch_isolates(inbox: ic_inbox) -> ic_error {
     })
 }
 
+/// Subscribes `inbox` to the nodes of its cluster's network: an IC_EVENT_NODE_UP (the
+/// node's name in `path`) for each other live node now and each later one, an
+/// IC_EVENT_NODE_DOWN when one leaves or is lost, and an IC_EVENT_REJECTED (node in
+/// `path`, why in `reason`) when bytes from one are refused. IC_ERR_UNSUPPORTED without
+/// network support; on a cluster that joined no network, nothing ever arrives. The
+/// inbox's thread only.
+#[no_mangle]
+pub extern "C" fn ic_watch_nodes(inbox: ic_inbox) -> ic_error {
+    guard(|| {
+        let e = enter(inbox)?;
+        let p = e.inbox();
+        #[cfg(feature = "zenoh")]
+        {
+            // SAFETY: the inbox is entered: it stays open for this whole call.
+            unsafe { &*p }.watch_nodes();
+            Ok(())
+        }
+        #[cfg(not(feature = "zenoh"))]
+        {
+            let _ = p;
+            err(IC_ERR_UNSUPPORTED, "built without network support")
+        }
+    })
+}
+
 /// Stops an isolate's receive loop: what was sent before is still delivered, then
 /// `ic_recv` returns IC_ERR_STOPPED. For an isolate's own inbox only
 /// (IC_ERR_INVALID_ARGUMENT for a mailbox). The inbox's thread only.
@@ -1597,4 +1743,43 @@ pub extern "C" fn ic_shutdown_isolate(inbox: ic_inbox) -> ic_error {
         }
         Ok(())
     })
+}
+
+#[cfg(all(test, not(feature = "zenoh")))]
+mod tests {
+    use super::*;
+
+    /// Without the `zenoh` feature the network calls exist (the header is the same) and
+    /// say so, with nothing created.
+    #[test]
+    fn network_calls_are_unsupported_without_the_feature() {
+        let mut out: ic_cluster = 0;
+        // SAFETY: a valid network name and a writable `out`; the other pointers may be NULL.
+        let e = unsafe {
+            ic_cluster_join_network(
+                std::ptr::null(),
+                c"net".as_ptr(),
+                std::ptr::null(),
+                std::ptr::null(),
+                0,
+                &mut out,
+            )
+        };
+        assert_eq!(e, IC_ERR_UNSUPPORTED);
+        assert_eq!(out, 0);
+        // SAFETY: `ic_last_error` returns a NUL-terminated string.
+        let detail = unsafe { CStr::from_ptr(ic_last_error()) };
+        assert!(detail.to_string_lossy().contains("zenoh"), "{detail:?}");
+
+        let mut c: ic_cluster = 0;
+        let mut mb: ic_inbox = 0;
+        // SAFETY: writable out-pointers.
+        unsafe {
+            assert_eq!(ic_cluster_new(std::ptr::null(), &mut c), IC_OK);
+            assert_eq!(ic_mailbox_open(c, &mut mb), IC_OK);
+        }
+        assert_eq!(ic_watch_nodes(mb), IC_ERR_UNSUPPORTED);
+        assert_eq!(ic_mailbox_close(mb), IC_OK);
+        assert_eq!(ic_cluster_free(c), IC_OK);
+    }
 }

@@ -163,13 +163,15 @@ static void *open_and_leave(void *arg) {
 int main(void) {
     /* Library. */
     CHECK(strlen(ic_version()) > 0);
-    for (int code = 0; code <= 19; code++) {
+    for (int code = 0; code <= 21; code++) {
         CHECK(strncmp(ic_error_str(code), "IC_", 3) == 0);
     }
     CHECK(strstr(ic_error_str(IC_ERR_THREAD), "thread") != NULL);
     CHECK(strstr(ic_error_str(IC_ERR_PANIC), "panic") != NULL);
     CHECK(strcmp(ic_error_str(-1), "unknown error code") == 0);
-    CHECK(strcmp(ic_error_str(20), "unknown error code") == 0);
+    CHECK(strstr(ic_error_str(IC_ERR_NETWORK), "network") != NULL);
+    CHECK(strstr(ic_error_str(IC_ERR_UNSUPPORTED), "network support") != NULL);
+    CHECK(strcmp(ic_error_str(22), "unknown error code") == 0);
 
     /* Config and cluster. */
     EXPECT(ic_config_init(NULL), IC_ERR_NULL);

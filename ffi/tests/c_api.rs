@@ -54,8 +54,10 @@ fn library_dir() -> &'static Path {
     DIR.get_or_init(|| {
         let target = crate_dir().join("..").join("target").join("ffi-c");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        // With network support, for `net_test.c`.
         let status = Command::new(cargo)
-            .args(["build", "-p", "isolate-cluster-ffi", "--target-dir"])
+            .args(["build", "-p", "isolate-cluster-ffi", "--features", "zenoh"])
+            .arg("--target-dir")
             .arg(&target)
             .current_dir(crate_dir())
             .status()
@@ -91,8 +93,9 @@ fn compile(compiler: &str, sources: &[&str], out: &str, extra: &[&str]) -> PathB
 }
 
 /// Runs `exe` with a time limit; returns its stdout, failing on a non-zero exit.
-fn run(exe: &Path, env: &[(&str, &str)], limit: Duration) -> String {
+fn run(exe: &Path, env: &[(&str, &str)], limit: Duration, args: &[&str]) -> String {
     let mut child = Command::new(exe)
+        .args(args)
         .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -124,7 +127,7 @@ const LIMIT: Duration = Duration::from_secs(120);
 #[test]
 fn the_c_api_test_program_passes() {
     let exe = compile("gcc", &["tests/api_test.c"], "api_test", &["-std=c11"]);
-    let out = run(&exe, &[], LIMIT);
+    let out = run(&exe, &[], LIMIT, &[]);
     assert!(out.contains("api_test: all checks passed"), "{out}");
 }
 
@@ -136,8 +139,37 @@ fn the_c_api_test_program_passes_under_address_sanitizer() {
         "api_test_asan",
         &["-std=c11", "-fsanitize=address", "-fno-omit-frame-pointer"],
     );
-    let out = run(&exe, &[("ASAN_OPTIONS", "detect_leaks=1")], LIMIT);
+    let out = run(&exe, &[("ASAN_OPTIONS", "detect_leaks=1")], LIMIT, &[]);
     assert!(out.contains("api_test: all checks passed"), "{out}");
+}
+
+/// Two nodes of one network in one C program (`tests/net_test.c`), normally and under
+/// AddressSanitizer (leak detection off: Zenoh's runtime keeps threads and buffers until
+/// the process exits).
+#[test]
+fn two_nodes_talk_through_the_c_api() {
+    for (flags, name, asan) in [
+        (&[][..], "net_test", ""),
+        (
+            &["-fsanitize=address", "-fno-omit-frame-pointer"][..],
+            "net_test_asan",
+            "detect_leaks=0",
+        ),
+    ] {
+        let mut extra = vec!["-std=c11"];
+        extra.extend_from_slice(flags);
+        let exe = compile("gcc", &["tests/net_test.c"], name, &extra);
+        let dir = std::env::temp_dir().join(format!("ic-c-net-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("rendezvous directory");
+        let out = run(
+            &exe,
+            &[("ASAN_OPTIONS", asan)],
+            LIMIT,
+            &[dir.to_str().expect("UTF-8 temp dir")],
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(out.contains("net_test: all"), "{out}");
+    }
 }
 
 #[test]
@@ -149,7 +181,7 @@ fn the_c_and_cpp_examples_run() {
         let mut extra = vec!["-std=c11"];
         extra.extend_from_slice(flags);
         let exe = compile("gcc", &["examples/pingpong.c"], name, &extra);
-        let out = run(&exe, &[("IC_PINGPONG_ROUNDS", "20000")], LIMIT);
+        let out = run(&exe, &[("IC_PINGPONG_ROUNDS", "20000")], LIMIT, &[]);
         assert!(out.contains("round trips: 20000"), "{out}");
     }
     for (flags, name) in [
@@ -159,7 +191,7 @@ fn the_c_and_cpp_examples_run() {
         let mut extra = vec!["-std=c++17"];
         extra.extend_from_slice(flags);
         let exe = compile("g++", &["examples/hello.cpp"], name, &extra);
-        let out = run(&exe, &[], LIMIT);
+        let out = run(&exe, &[], LIMIT, &[]);
         assert!(out.contains("hello from /greeter, hello from C++"), "{out}");
     }
 }
