@@ -238,8 +238,9 @@ pub(crate) struct Inbound {
     since_event: usize,
     shutdown_requested: bool,
     pub held: usize,
-    /// Requests this endpoint waits for: correlation id → the target asked.
-    pub pending: RequestMap<IsolateRef>,
+    /// Requests this endpoint waits for: correlation id → the target asked (kept only
+    /// for requests whose waiter does not hold it; see `request`).
+    pub pending: RequestMap<Option<IsolateRef>>,
     /// Replies to pending requests, set aside until their `wait_reply`.
     pub stash: RequestMap<OwnedFrame>,
     next_request: u64,
@@ -1309,12 +1310,17 @@ impl LocalEndpoint {
 
     /// Sends `value` as a request to `target`: a fresh correlation id, remembered until
     /// its reply is taken or the wait is given up.
+    ///
+    /// `remember` keeps `target` with the request, for a later [`wait_reply`](Self::wait_reply)
+    /// that knows only the id; a caller that waits with [`wait_reply_for`](Self::wait_reply_for)
+    /// passes `false` and saves two reference-count updates per request.
     pub(crate) fn request<T: Payload>(
         &self,
         target: &IsolateRef,
         value: &T,
+        remember: bool,
     ) -> Result<u64, SendError> {
-        let (id, route) = self.open_request(target);
+        let (id, route) = self.open_request(target, remember);
         self.send_copy(Target::Ref(target), value, route, Mode::Block)
             .map(|()| id)
             .inspect_err(|_| self.forget_request(id))
@@ -1326,8 +1332,9 @@ impl LocalEndpoint {
         target: &IsolateRef,
         tag: TypeTag,
         bytes: &[u8],
+        remember: bool,
     ) -> Result<u64, SendError> {
-        let (id, route) = self.open_request(target);
+        let (id, route) = self.open_request(target, remember);
         let route = Route {
             flags: route.flags | crate::frame::FLAG_RAW,
             ..route
@@ -1343,18 +1350,19 @@ impl LocalEndpoint {
         target: &IsolateRef,
         value: Box<T>,
     ) -> Result<u64, SendError<Box<T>>> {
-        let (id, route) = self.open_request(target);
+        let (id, route) = self.open_request(target, true);
         self.send_transfer(Target::Ref(target), value, route, Mode::Block)
             .map(|()| id)
             .inspect_err(|_| self.forget_request(id))
     }
 
-    /// A fresh request id, remembered as pending, and the route its frame carries.
-    fn open_request(&self, target: &IsolateRef) -> (u64, Route) {
+    /// A fresh request id, remembered as pending (with its target if `remember`), and the
+    /// route its frame carries.
+    fn open_request(&self, target: &IsolateRef, remember: bool) -> (u64, Route) {
         let mut inb = self.inbound.borrow_mut();
         inb.next_request += 1;
         let id = inb.next_request;
-        inb.pending.insert(id, target.clone());
+        inb.pending.insert(id, remember.then(|| target.clone()));
         let route = Route {
             correlation: id,
             reply_to: self.shared.id,
@@ -1376,9 +1384,23 @@ impl LocalEndpoint {
     /// that arrive meanwhile wait, in order, for the receive loop.
     pub(crate) fn wait_reply(&self, id: u64, deadline: Instant) -> Result<Reply, CallError> {
         let target = match self.inbound.borrow().pending.get(&id) {
-            Some(t) => t.clone(),
-            None => return Err(CallError::UnknownRequest),
+            Some(Some(t)) => t.clone(),
+            // Made by a `call`, which waits for it itself.
+            Some(None) | None => return Err(CallError::UnknownRequest),
         };
+        self.wait_reply_for(id, &target, deadline)
+    }
+
+    /// [`wait_reply`](Self::wait_reply) for a request whose target the caller holds.
+    pub(crate) fn wait_reply_for(
+        &self,
+        id: u64,
+        target: &IsolateRef,
+        deadline: Instant,
+    ) -> Result<Reply, CallError> {
+        if !self.inbound.borrow().pending.contains_key(&id) {
+            return Err(CallError::UnknownRequest);
+        }
         let mut idle = IdleState::default();
         let mut target_gone = false;
         loop {

@@ -424,7 +424,9 @@ impl Inbox {
         tag: crate::TypeTag,
         bytes: &[u8],
     ) -> Result<RequestId, SendError> {
-        self.ep.request_bytes(target, tag, bytes).map(RequestId)
+        self.ep
+            .request_bytes(target, tag, bytes, true)
+            .map(RequestId)
     }
 
     /// Moves `value` to `target`; only the pointer travels.
@@ -495,7 +497,7 @@ impl Inbox {
         request: &T,
         timeout: Duration,
     ) -> Result<Message<'_>, CallError> {
-        let sent = self.request(target, request);
+        let sent = self.ep.request(target, request, false).map(RequestId);
         self.await_call(target, sent, timeout)
     }
 
@@ -508,7 +510,10 @@ impl Inbox {
         bytes: &[u8],
         timeout: Duration,
     ) -> Result<Message<'_>, CallError> {
-        let sent = self.request_bytes(target, tag, bytes);
+        let sent = self
+            .ep
+            .request_bytes(target, tag, bytes, false)
+            .map(RequestId);
         self.await_call(target, sent, timeout)
     }
 
@@ -522,7 +527,12 @@ impl Inbox {
         timeout: Duration,
     ) -> Result<Message<'_>, CallError> {
         match sent {
-            Ok(id) => self.wait_reply(id, timeout),
+            Ok(id) => {
+                let reply = self
+                    .ep
+                    .wait_reply_for(id.0, target, Instant::now() + timeout)?;
+                Ok(self.message(reply))
+            }
             Err(SendError::Disconnected(())) => match target.wait_down(Duration::ZERO) {
                 Some(why) => Err(CallError::TargetDown(Some(why))),
                 None => Err(CallError::Send(SendError::Disconnected(()))),
@@ -539,15 +549,20 @@ impl Inbox {
         target: &IsolateRef,
         request: &T,
     ) -> Result<RequestId, SendError> {
-        self.ep.request(target, request).map(RequestId)
+        self.ep.request(target, request, true).map(RequestId)
     }
 
     /// Waits up to `timeout` for the reply to `id`. On [`CallError::Timeout`] the request
     /// is forgotten; a late reply is dropped and counted, never delivered elsewhere.
     pub fn wait_reply(&self, id: RequestId, timeout: Duration) -> Result<Message<'_>, CallError> {
-        match self.ep.wait_reply(id.0, Instant::now() + timeout)? {
-            Reply::Owned(frame) => Ok(Message::owned(&self.ep, frame.cells)),
-            Reply::InPlace { link, frame } => Ok(Message::in_ring(&self.ep, link, frame)),
+        Ok(self.message(self.ep.wait_reply(id.0, Instant::now() + timeout)?))
+    }
+
+    /// The message of a reply.
+    fn message(&self, reply: Reply) -> Message<'_> {
+        match reply {
+            Reply::Owned(frame) => Message::owned(&self.ep, frame.cells),
+            Reply::InPlace { link, frame } => Message::in_ring(&self.ep, link, frame),
         }
     }
 
