@@ -1434,31 +1434,41 @@ impl LocalEndpoint {
                 target_gone = true;
                 continue;
             }
-            let now = Instant::now();
-            if now >= deadline {
+            if !self.idle_for_reply(&mut idle, deadline) {
                 self.forget_request(id);
                 return Err(CallError::Timeout);
             }
-            self.idle_for_reply(&mut idle, deadline);
         }
     }
 
     /// Waits a little for a reply: spins first, then parks until a ring gets a frame (or
     /// `deadline`, or 1 ms to re-check whether the target is still alive).
-    fn idle_for_reply(&self, idle: &mut IdleState, deadline: Instant) {
+    /// Returns `false` once `deadline` has passed. The clock is read only every 64 rounds
+    /// (a read costs as much as a turn of the loop), so a spinning caller sees its reply
+    /// soon after it lands.
+    fn idle_for_reply(&self, idle: &mut IdleState, deadline: Instant) -> bool {
         idle.round = idle.round.wrapping_add(1);
-        let now_ish = *idle.since.get_or_insert_with(Instant::now);
-        if idle.round % 64 != 0 || now_ish.elapsed() < self.strategy.spin_time() {
+        if idle.round % 64 != 1 {
             std::hint::spin_loop();
-            return;
+            return true;
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return false;
+        }
+        let since = *idle.since.get_or_insert(now);
+        if now - since < self.strategy.spin_time() {
+            std::hint::spin_loop();
+            return true;
         }
         self.shared.wake.prepare_park();
         if self.inbound.borrow().rings_have_data(&self.shared) {
             self.shared.wake.cancel_park();
-            return;
+            return true;
         }
         let recheck = Instant::now() + Duration::from_millis(1);
         self.shared.wake.park(Some(deadline.min(recheck)));
+        true
     }
 
     /// Tears the endpoint down: flushes what spilled frames it can, closes it, drains and
