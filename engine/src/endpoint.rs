@@ -241,6 +241,10 @@ pub(crate) struct Inbound {
     /// Requests this endpoint waits for: correlation id → the target asked (kept only
     /// for requests whose waiter does not hold it; see `request`).
     pub pending: RequestMap<Option<IsolateRef>>,
+    /// The request of the `call` in progress, kept out of `pending` (0: none): a call
+    /// then costs no map insertion or removal. Only one call waits at a time (it blocks
+    /// the endpoint's thread); a nested one goes to `pending`.
+    call_slot: u64,
     /// Replies to pending requests, set aside until their `wait_reply`.
     pub stash: RequestMap<OwnedFrame>,
     next_request: u64,
@@ -278,6 +282,23 @@ impl Inbound {
         // gone, so an endpoint that never idles does not keep their rings forever.
         if new_links {
             self.prune();
+        }
+    }
+
+    /// Whether request `id` waits for its reply.
+    #[inline]
+    fn awaits(&self, id: u64) -> bool {
+        // Ids start at 1: 0 (an empty `call_slot`) names no request.
+        id != 0 && (self.call_slot == id || self.pending.contains_key(&id))
+    }
+
+    /// Request `id` waits no more.
+    #[inline]
+    fn settle(&mut self, id: u64) {
+        if self.call_slot == id {
+            self.call_slot = 0;
+        } else {
+            self.pending.remove(&id);
         }
     }
 
@@ -320,7 +341,7 @@ impl Inbound {
     #[cold]
     fn route_reply(&mut self, frame: OwnedFrame, counters: &Counters) {
         let id = frame.header().correlation();
-        if self.pending.contains_key(&id) {
+        if self.awaits(id) {
             if let Some(old) = self.stash.insert(id, frame) {
                 // A second reply to the same request: keep the first, drop this one.
                 let newer = self.stash.insert(id, old);
@@ -657,6 +678,7 @@ impl LocalEndpoint {
                 shutdown_requested: false,
                 held: 0,
                 pending: RequestMap::default(),
+                call_slot: 0,
                 stash: RequestMap::default(),
                 next_request: 0,
             }),
@@ -1362,7 +1384,11 @@ impl LocalEndpoint {
         let mut inb = self.inbound.borrow_mut();
         inb.next_request += 1;
         let id = inb.next_request;
-        inb.pending.insert(id, remember.then(|| target.clone()));
+        if !remember && inb.call_slot == 0 {
+            inb.call_slot = id;
+        } else {
+            inb.pending.insert(id, remember.then(|| target.clone()));
+        }
         let route = Route {
             correlation: id,
             reply_to: self.shared.id,
@@ -1374,7 +1400,7 @@ impl LocalEndpoint {
     /// Forgets request `id`: a reply that still comes is dropped and counted as late.
     pub(crate) fn forget_request(&self, id: u64) {
         let mut inb = self.inbound.borrow_mut();
-        inb.pending.remove(&id);
+        inb.settle(id);
         if let Some(f) = inb.stash.remove(&id) {
             f.discard();
         }
@@ -1398,7 +1424,7 @@ impl LocalEndpoint {
         target: &IsolateRef,
         deadline: Instant,
     ) -> Result<Reply, CallError> {
-        if !self.inbound.borrow().pending.contains_key(&id) {
+        if !self.inbound.borrow().awaits(id) {
             return Err(CallError::UnknownRequest);
         }
         let mut idle = IdleState::default();
@@ -1407,8 +1433,13 @@ impl LocalEndpoint {
             self.flush_spills();
             {
                 let mut inb = self.inbound.borrow_mut();
-                if let Some(f) = inb.stash.remove(&id) {
-                    inb.pending.remove(&id);
+                // (`is_empty` first: the stash is almost always empty, and a lookup in an
+                // empty map still hashes and probes, on every turn of this loop.)
+                if let Some(f) = (!inb.stash.is_empty())
+                    .then(|| inb.stash.remove(&id))
+                    .flatten()
+                {
+                    inb.settle(id);
                     if f.header().flags() & FLAG_ERROR != 0 {
                         let text = error_text(&f);
                         f.discard();
@@ -1417,10 +1448,10 @@ impl LocalEndpoint {
                     return Ok(Reply::Owned(f));
                 }
                 if let Some((link, frame)) = inb.move_out_of_rings(&self.shared, Some(id)) {
-                    inb.pending.remove(&id);
+                    inb.settle(id);
                     return Ok(Reply::InPlace { link, frame });
                 }
-                if inb.stash.contains_key(&id) {
+                if !inb.stash.is_empty() && inb.stash.contains_key(&id) {
                     continue;
                 }
             }
@@ -1495,6 +1526,7 @@ impl LocalEndpoint {
         let mut inb = self.inbound.borrow_mut();
         inb.events.clear();
         inb.pending.clear();
+        inb.call_slot = 0;
         let stashed: Vec<OwnedFrame> = inb.stash.drain().map(|(_, f)| f).collect();
         drop(inb);
         self.defer_discard(stashed);
