@@ -413,7 +413,11 @@ impl<T> Slab<T> {
         };
         let i = match self.free.pop() {
             Some(i) => {
-                self.slots[i as usize] = (gen, Some(v));
+                let slot = &mut self.slots[i as usize];
+                debug_assert!(slot.1.is_none(), "a free slot holds nothing");
+                slot.0 = gen;
+                // A free slot holds `None`: nothing to drop.
+                std::mem::forget(slot.1.replace(v));
                 i
             }
             None => {
@@ -483,18 +487,26 @@ thread_local! {
 /// The epoch the cached entries belong to, and (handle, reference) pairs.
 type IsolateCache = (u64, Vec<(u64, Rc<IsolateRef>)>);
 
+#[inline]
 fn isolate(h: u64) -> R<Rc<IsolateRef>> {
     let epoch = ISOLATE_EPOCH.load(Ordering::Acquire);
     let cached = ISOLATE_CACHE.with(|c| {
-        let mut c = c.borrow_mut();
+        let c = c.borrow();
         if c.0 != epoch {
-            *c = (epoch, Vec::new());
+            return None;
         }
         c.1.iter().find(|(k, _)| *k == h).map(|(_, r)| r.clone())
     });
-    if let Some(r) = cached {
-        return Ok(r);
+    match cached {
+        Some(r) => Ok(r),
+        None => isolate_slow(h, epoch),
     }
+}
+
+/// `isolate` for a handle this thread has not used since the last release of any.
+#[cold]
+#[inline(never)]
+fn isolate_slow(h: u64, epoch: u64) -> R<Rc<IsolateRef>> {
     let r = lock(&ISOLATES)
         .get(h)
         .cloned()
@@ -502,12 +514,13 @@ fn isolate(h: u64) -> R<Rc<IsolateRef>> {
         .ok_or_else(|| (IC_ERR_STALE_HANDLE, format!("no isolate {h:#x}")))?;
     ISOLATE_CACHE.with(|c| {
         let mut c = c.borrow_mut();
-        if c.0 == epoch {
-            if c.1.len() >= 16 {
-                c.1.remove(0);
-            }
-            c.1.push((h, r.clone()));
+        if c.0 != epoch {
+            *c = (epoch, Vec::new());
         }
+        if c.1.len() >= 16 {
+            c.1.remove(0);
+        }
+        c.1.push((h, r.clone()));
     });
     Ok(r)
 }
@@ -695,27 +708,44 @@ impl Entered {
 }
 
 /// Enters inbox `h` on the calling thread.
+#[inline]
 fn enter(h: u64) -> R<Entered> {
     let gen = (h >> 32) as u32;
-    let slot = match slot_at((h & 0xffff_ffff) as u32) {
-        Some(s) if gen != 0 && s.gen.load(Ordering::Acquire) == gen => s,
-        _ => return err(IC_ERR_STALE_HANDLE, format!("no inbox {h:#x}")),
-    };
-    if slot.owner.load(Ordering::Relaxed) != thread_token() {
-        return err(
-            IC_ERR_WRONG_THREAD,
-            format!("inbox {h:#x} belongs to another thread"),
-        );
+    if let Some(slot) = slot_at((h & 0xffff_ffff) as u32) {
+        // Only the owner thread (checked here) touches `busy`: no locked instruction.
+        if gen != 0
+            && slot.gen.load(Ordering::Acquire) == gen
+            && slot.owner.load(Ordering::Relaxed) == thread_token()
+            && !slot.busy.load(Ordering::Relaxed)
+        {
+            slot.busy.store(true, Ordering::Relaxed);
+            return Ok(Entered { slot });
+        }
     }
-    // Only the owner thread (checked above) touches `busy`: no locked instruction needed.
-    if slot.busy.load(Ordering::Relaxed) {
-        return err(
-            IC_ERR_IN_USE,
-            "the inbox is in a call already (a free function called back in)",
-        );
+    Err(enter_error(h))
+}
+
+/// Why inbox `h` cannot be entered (the error path of `enter`, kept out of its way).
+#[cold]
+#[inline(never)]
+fn enter_error(h: u64) -> (ic_error, String) {
+    let gen = (h >> 32) as u32;
+    match slot_at((h & 0xffff_ffff) as u32) {
+        Some(s) if gen != 0 && s.gen.load(Ordering::Acquire) == gen => {
+            if s.owner.load(Ordering::Relaxed) != thread_token() {
+                (
+                    IC_ERR_WRONG_THREAD,
+                    format!("inbox {h:#x} belongs to another thread"),
+                )
+            } else {
+                (
+                    IC_ERR_IN_USE,
+                    "the inbox is in a call already (a free function called back in)".to_owned(),
+                )
+            }
+        }
+        _ => (IC_ERR_STALE_HANDLE, format!("no inbox {h:#x}")),
     }
-    slot.busy.store(true, Ordering::Relaxed);
-    Ok(Entered { slot })
 }
 
 /// Closes inbox `h` (its held messages are released, then a mailbox is dropped).
@@ -791,6 +821,10 @@ impl Drop for ForeignBuffer {
 
 /// Keeps a received event for C and fills `out`.
 fn hold(e: &Entered, ev: Event<'_>, out: &mut ic_message) -> R {
+    let ev = match ev {
+        Event::Message(m) if !m.is_transfer() => return hold_copy(e, m, out),
+        other => other,
+    };
     let mut view = ic_message {
         handle: 0,
         kind: 0,
@@ -904,6 +938,41 @@ fn hold(e: &Entered, ev: Event<'_>, out: &mut ic_message) -> R {
     }
     view.handle = e.state().held.insert(held);
     *out = view;
+    Ok(())
+}
+
+/// `hold` for the common case, a copy message: no event fields, nothing extra to keep.
+#[inline]
+fn hold_copy(e: &Entered, m: Message<'_>, out: &mut ic_message) -> R {
+    let mut flags = 0;
+    if m.is_request() {
+        flags |= IC_MSG_REQUEST;
+    }
+    if m.is_error() {
+        flags |= IC_MSG_ERROR;
+    }
+    let bytes = m.bytes();
+    let (data, len) = (bytes.as_ptr(), bytes.len());
+    let (tag, sender_id, reply_to_id) = (m.tag(), m.sender_id(), m.reply_to_id());
+    let held = Held {
+        // SAFETY: as in `hold`: the held table is dropped before the inbox the message
+        // borrows.
+        msg: Some(unsafe { std::mem::transmute::<Message<'_>, Message<'static>>(m) }),
+        extra: None,
+    };
+    *out = ic_message {
+        handle: e.state().held.insert(held),
+        kind: ic_event_kind::IC_EVENT_MESSAGE as u32,
+        flags,
+        tag,
+        data,
+        len,
+        sender_id,
+        reply_to_id,
+        isolate_id: 0,
+        path: std::ptr::null(),
+        reason: std::ptr::null(),
+    };
     Ok(())
 }
 
@@ -1523,9 +1592,15 @@ pub unsafe extern "C" fn ic_recv(
             }
         };
         match ev {
-            // SAFETY: `out` is non-NULL and writable per the contract.
-            Some(ev) => hold(&e, ev, unsafe { &mut *out }),
-            // SAFETY: as above.
+            Some(ev) => {
+                // SAFETY: `out` is non-NULL (checked) and writable per the contract.
+                let out = unsafe { &mut *out };
+                match ev {
+                    Event::Message(m) if !m.is_transfer() => hold_copy(&e, m, out),
+                    ev => hold(&e, ev, out),
+                }
+            }
+            // SAFETY: the inbox is entered: it stays open for this whole call.
             None if unsafe { &*p }.is_finished() => err(IC_ERR_STOPPED, "the inbox has stopped"),
             None => err(IC_ERR_TIMEOUT, "nothing arrived"),
         }
@@ -1686,7 +1761,12 @@ pub unsafe extern "C" fn ic_call(
             .call_bytes(&target, tag, bytes, Duration::from_millis(timeout_ms))
             .map_err(call_error)?;
         // SAFETY: `reply` is non-NULL and writable per the contract.
-        hold(&e, Event::Message(m), unsafe { &mut *reply })
+        let reply = unsafe { &mut *reply };
+        if m.is_transfer() {
+            hold(&e, Event::Message(m), reply)
+        } else {
+            hold_copy(&e, m, reply)
+        }
     })
 }
 
