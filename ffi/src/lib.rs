@@ -1175,7 +1175,7 @@ pub unsafe extern "C" fn ic_cluster_join_network(
     })
 }
 
-#[cfg(feature = "zenoh")]
+/// Joins the network (or says that this build cannot).
 fn join_network(
     b: engine::Builder,
     name: &str,
@@ -1183,45 +1183,42 @@ fn join_network(
     dir: Option<&str>,
     lease_ms: u64,
 ) -> R<Cluster> {
-    use engine::net::{zenoh, NetError, Network};
-    let mut n = Network::new(name);
-    if let Some(j) = json {
-        let config = zenoh::Config::from_json5(j).map_err(|e| {
-            (
-                IC_ERR_INVALID_ARGUMENT,
-                format!("zenoh_json5 is not a Zenoh configuration: {e}"),
-            )
-        })?;
-        n = n.zenoh_config(config);
+    #[cfg(not(feature = "zenoh"))]
+    {
+        let _ = (b, name, json, dir, lease_ms);
+        err(
+            IC_ERR_UNSUPPORTED,
+            "built without network support: build isolate-cluster-ffi with the `zenoh` feature",
+        )
     }
-    if let Some(d) = dir {
-        n = n.rendezvous_dir(d);
+    #[cfg(feature = "zenoh")]
+    {
+        use engine::net::{zenoh, NetError, Network};
+        let mut n = Network::new(name);
+        if let Some(j) = json {
+            let config = zenoh::Config::from_json5(j).map_err(|e| {
+                (
+                    IC_ERR_INVALID_ARGUMENT,
+                    format!("zenoh_json5 is not a Zenoh configuration: {e}"),
+                )
+            })?;
+            n = n.zenoh_config(config);
+        }
+        if let Some(d) = dir {
+            n = n.rendezvous_dir(d);
+        }
+        if lease_ms > 0 {
+            n = n.lease(Duration::from_millis(lease_ms));
+        }
+        b.join(n).map_err(|e| {
+            let code = match &e {
+                NetError::InvalidName(_) => IC_ERR_INVALID_ARGUMENT,
+                NetError::DuplicateNode(_) => IC_ERR_DUPLICATE,
+                _ => IC_ERR_NETWORK,
+            };
+            (code, e.to_string())
+        })
     }
-    if lease_ms > 0 {
-        n = n.lease(Duration::from_millis(lease_ms));
-    }
-    b.join(n).map_err(|e| {
-        let code = match &e {
-            NetError::InvalidName(_) => IC_ERR_INVALID_ARGUMENT,
-            NetError::DuplicateNode(_) => IC_ERR_DUPLICATE,
-            _ => IC_ERR_NETWORK,
-        };
-        (code, e.to_string())
-    })
-}
-
-#[cfg(not(feature = "zenoh"))]
-fn join_network(
-    _b: engine::Builder,
-    _name: &str,
-    _json: Option<&str>,
-    _dir: Option<&str>,
-    _lease_ms: u64,
-) -> R<Cluster> {
-    err(
-        IC_ERR_UNSUPPORTED,
-        "built without network support: build isolate-cluster-ffi with the `zenoh` feature",
-    )
 }
 
 /// Asks every isolate to shut down (children before parents); returns at once. Any

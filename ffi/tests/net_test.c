@@ -13,21 +13,8 @@
 #include <string.h>
 #include <time.h>
 
+#include "check.h"
 #include "isolate_cluster.h"
-
-static int checks = 0;
-
-#define CHECK(cond)                                                                  \
-    do {                                                                             \
-        checks++;                                                                    \
-        if (!(cond)) {                                                               \
-            fprintf(stderr, "%s:%d: check failed: %s (last error: %s)\n", __FILE__,  \
-                    __LINE__, #cond, ic_last_error());                               \
-            exit(1);                                                                 \
-        }                                                                            \
-    } while (0)
-
-#define EXPECT(call, code) CHECK((call) == (code))
 
 enum { TAG_ECHO = 7, TAG_NOTE = 8 };
 
