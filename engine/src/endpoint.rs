@@ -257,6 +257,9 @@ const REMOTE: usize = usize::MAX;
 const BURST: usize = 32;
 /// Messages delivered at most while an event waits.
 const EVENT_EVERY: usize = 64;
+/// How long a caller keeps polling (and yielding) for a reply from another node before it
+/// parks (see `idle_for_reply`).
+const REMOTE_SPIN: Duration = Duration::from_millis(1);
 
 /// What one poll of the inbox found.
 pub(crate) enum Polled {
@@ -1465,7 +1468,7 @@ impl LocalEndpoint {
                 target_gone = true;
                 continue;
             }
-            if !self.idle_for_reply(&mut idle, deadline) {
+            if !self.idle_for_reply(&mut idle, deadline, target.is_remote()) {
                 self.forget_request(id);
                 return Err(CallError::Timeout);
             }
@@ -1477,7 +1480,13 @@ impl LocalEndpoint {
     /// Returns `false` once `deadline` has passed. The clock is read only every 64 rounds
     /// (a read costs as much as a turn of the loop), so a spinning caller sees its reply
     /// soon after it lands.
-    fn idle_for_reply(&self, idle: &mut IdleState, deadline: Instant) -> bool {
+    ///
+    /// A reply from another node (`remote`) takes a network round trip, a hundred µs or
+    /// more, during which the network layer's threads need the cores: the caller then
+    /// keeps polling, yielding its core at every clock check, for up to `REMOTE_SPIN`
+    /// before it parks (if its strategy spins at all). Parking at once measured worse:
+    /// waking a parked thread on an idle virtual CPU is what a round trip cannot afford.
+    fn idle_for_reply(&self, idle: &mut IdleState, deadline: Instant, remote: bool) -> bool {
         idle.round = idle.round.wrapping_add(1);
         if idle.round % 64 != 1 {
             std::hint::spin_loop();
@@ -1488,7 +1497,12 @@ impl LocalEndpoint {
             return false;
         }
         let since = *idle.since.get_or_insert(now);
-        if now - since < self.strategy.spin_time() {
+        if remote {
+            if self.spins && now - since < REMOTE_SPIN {
+                std::thread::yield_now();
+                return true;
+            }
+        } else if now - since < self.strategy.spin_time() {
             std::hint::spin_loop();
             return true;
         }
