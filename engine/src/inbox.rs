@@ -468,6 +468,11 @@ impl Inbox {
     /// `target` that this endpoint still holds blocks that ring: drop it before calling
     /// `target`.
     ///
+    /// The caller waits as its wait strategy says, except for a target on another node
+    /// (feature `zenoh`): with a spinning strategy it then keeps polling, yielding its core
+    /// at each clock check, for up to 1 ms before it parks, since a network round trip is
+    /// far longer than the usual spin and a parked caller adds a wake-up to it.
+    ///
     /// ```
     /// use std::time::Duration;
     /// use isolate_cluster::{CallError, Cluster, Event, Properties};
