@@ -273,6 +273,20 @@ pub(crate) struct Registry {
     pub node_watchers: Vec<IsolateRef>,
 }
 
+impl Registry {
+    /// Hands `IsolateDown` for `r` to its monitors (who stop monitoring it) and, with
+    /// `watchers`, to every watcher.
+    fn tell_down(&mut self, r: &IsolateRef, reason: &DownReason, watchers: bool) {
+        let monitors = self.monitors.remove(&r.id()).unwrap_or_default();
+        let all = if watchers { &self.watchers[..] } else { &[] };
+        for w in all.iter().chain(&monitors) {
+            let _ = w
+                .endpoint()
+                .enqueue(Control::Down(r.clone(), reason.clone()));
+        }
+    }
+}
+
 /// What the network layer is told about this node's isolates (called with the registry
 /// locked, so announcements keep the order of spawns and stops).
 pub(crate) trait NetHooks: Send + Sync {
@@ -512,18 +526,7 @@ impl ClusterInner {
         if reg.remote.get(r.path()).is_some_and(|x| x == r) {
             reg.remote.remove(r.path());
         }
-        if r.is_isolate() {
-            for w in &reg.watchers {
-                let _ = w
-                    .endpoint()
-                    .enqueue(Control::Down(r.clone(), reason.clone()));
-            }
-        }
-        for w in reg.monitors.remove(&r.id()).unwrap_or_default() {
-            let _ = w
-                .endpoint()
-                .enqueue(Control::Down(r.clone(), reason.clone()));
-        }
+        reg.tell_down(r, &reason, r.is_isolate());
     }
 
     /// Tells the node watchers; keeps the set of live nodes.
@@ -728,16 +731,7 @@ impl ClusterInner {
         }
         reg.by_id.remove(&me.id());
         reg.watchers.retain(|w| w != me);
-        for w in &reg.watchers {
-            let _ = w
-                .endpoint()
-                .enqueue(Control::Down(me.clone(), reason.clone()));
-        }
-        for w in reg.monitors.remove(&me.id()).unwrap_or_default() {
-            let _ = w
-                .endpoint()
-                .enqueue(Control::Down(me.clone(), reason.clone()));
-        }
+        reg.tell_down(me, &reason, true);
         for ws in reg.monitors.values_mut() {
             ws.retain(|w| w != me);
         }

@@ -271,12 +271,27 @@ impl FrameHeader {
     #[inline(always)]
     fn from_words(w: [u64; 4]) -> Option<Self> {
         FrameKind::from_u8((w[0] >> 32) as u8)?;
-        Some(Self {
+        Some(Self::from_words_unchecked(w))
+    }
+
+    /// The header from its four words, kind unchecked; the reserved bytes are dropped.
+    #[inline(always)]
+    fn from_words_unchecked(w: [u64; 4]) -> Self {
+        Self {
             head: w[0] & 0x0000_ffff_ffff_ffff,
             tag: w[1],
             ids: w[2],
             correlation: w[3],
-        })
+        }
+    }
+
+    /// The four words at the start of `cell`, in native byte order.
+    #[inline(always)]
+    fn words(cell: &Cell) -> [u64; 4] {
+        // SAFETY: a Cell is 64 initialised bytes, 64-aligned; any bit pattern is a valid
+        // `[u64; 4]`.
+        let w = unsafe { std::ptr::from_ref(cell).cast::<[u64; 4]>().read() };
+        w.map(u64::from_le)
     }
 
     /// Writes the header at the start of `cell`.
@@ -297,23 +312,13 @@ impl FrameHeader {
     /// check (an unknown kind would read as `Skip`, never as undefined behaviour).
     #[inline(always)]
     pub fn read_in_process(cell: &Cell) -> Self {
-        // SAFETY: as in `read_from`.
-        let w = unsafe { std::ptr::from_ref(cell).cast::<[u64; 4]>().read() };
-        Self {
-            head: u64::from_le(w[0]) & 0x0000_ffff_ffff_ffff,
-            tag: u64::from_le(w[1]),
-            ids: u64::from_le(w[2]),
-            correlation: u64::from_le(w[3]),
-        }
+        Self::from_words_unchecked(Self::words(cell))
     }
 
     /// Reads the header at the start of `cell`; `None` for an unknown kind.
     #[inline(always)]
     pub fn read_from(cell: &Cell) -> Option<Self> {
-        // SAFETY: a Cell is 64 initialised bytes, 64-aligned; any bit pattern is a valid
-        // `[u64; 4]`.
-        let w = unsafe { std::ptr::from_ref(cell).cast::<[u64; 4]>().read() };
-        Self::from_words(w.map(u64::from_le))
+        Self::from_words(Self::words(cell))
     }
 
     /// A skip frame covering `cells` cells.

@@ -820,11 +820,8 @@ impl Drop for ForeignBuffer {
 }
 
 /// Keeps a received event for C and fills `out`.
+/// (Copy messages take `hold_copy`, which its callers pick; this handles them too.)
 fn hold(e: &Entered, ev: Event<'_>, out: &mut ic_message) -> R {
-    let ev = match ev {
-        Event::Message(m) if !m.is_transfer() => return hold_copy(e, m, out),
-        other => other,
-    };
     let mut view = ic_message {
         handle: 0,
         kind: 0,
