@@ -4,8 +4,8 @@
 //! `cargo bench --bench latency` (full, under 10 minutes on 2 cores);
 //! `IC_BENCH_QUICK=1 cargo bench --bench latency` (quick, under a minute);
 //! `IC_BENCH_GROUP=core` runs one group of cases only (core, payload, wake or rate; `task`
-//! runs only the scheduler section; `net`, with `--features net`, only the cross-process
-//! section).
+//! runs only the scheduler section; `throughput` only the interleaved 8-byte throughput
+//! section; `net`, with `--features net`, only the cross-process section).
 //! The report folder's path is printed at the end.
 
 use isolate_cluster_benches::cases;
@@ -200,6 +200,10 @@ fn main() {
         );
     }
 
+    let throughput = match only.as_deref() {
+        None | Some("throughput") => cases::throughput(cfg, cores),
+        Some(_) => String::new(),
+    };
     let scale = match only.as_deref() {
         None => cases::scale(cfg) + &cases::jobs(cfg) + &cases::tasks(cfg) + &net(cfg),
         Some("task") => cases::tasks(cfg),
@@ -242,8 +246,15 @@ fn main() {
         md.push_str(&report::table(&members, rtrb, floor));
         md.push('\n');
     }
+    md.push_str(&throughput);
+    md.push('\n');
     md.push_str(&scale);
-    let targets = cases::targets(&all);
+    let mut targets = cases::targets(&all);
+    // The throughput section ends with its target line.
+    if let Some(line) = throughput.lines().last().filter(|l| l.starts_with("- ")) {
+        targets.push_str(line);
+        targets.push('\n');
+    }
     let _ = writeln!(md, "\n## Targets\n\n{targets}");
     std::fs::write(dir.join("REPORT.md"), &md).expect("write REPORT.md");
 

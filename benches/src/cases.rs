@@ -1031,3 +1031,147 @@ fn c_harness() -> &'static std::path::Path {
         exe
     })
 }
+
+/// Messages per throughput round: enough for a round to last a tenth of a second or more
+/// at the rates seen here, so that starting the threads and touching the rings for the
+/// first time weigh nothing.
+fn throughput_messages(cfg: Config) -> u64 {
+    if cfg.quick {
+        20_000_000
+    } else {
+        50_000_000
+    }
+}
+
+/// Raw `rtrb`, one 8-byte value per push and per pop, over a 1 MiB ring: messages/s.
+fn rtrb_one_way(cores: Cores, n: u64) -> f64 {
+    let (mut tx, mut rx) = rtrb::RingBuffer::<[u8; 8]>::new(1 << 17);
+    let consumer = thread::spawn(move || {
+        pin(cores[0]);
+        let (mut got, mut x) = (0u64, 0u8);
+        while got < n {
+            match rx.pop() {
+                Ok(v) => {
+                    x ^= v[0];
+                    got += 1;
+                }
+                Err(_) => std::hint::spin_loop(),
+            }
+        }
+        std::hint::black_box(x);
+    });
+    let producer = thread::spawn(move || {
+        pin(cores[1]);
+        let t = Instant::now();
+        for i in 0..n {
+            while tx.push([i as u8; 8]).is_err() {
+                std::hint::spin_loop();
+            }
+        }
+        t
+    });
+    let t = producer.join().expect("producer");
+    consumer.join().expect("consumer");
+    n as f64 / t.elapsed().as_secs_f64()
+}
+
+/// isolate-cluster, 8-byte values sent in batches of 64 and read with `try_recv_batch`,
+/// over a 1 MiB ring: messages/s.
+fn isolates_one_way(cores: Cores, n: u64) -> f64 {
+    let producer = thread::spawn(move || {
+        pin(cores[1]);
+        let cluster = Cluster::builder()
+            .ring_capacity(1 << 20)
+            .wait_strategy(WaitStrategy::BusySpin)
+            .core_policy(CorePolicy::Dedicated)
+            .cores(vec![cores[0].id])
+            .build();
+        let done = Arc::new(AtomicBool::new(false));
+        let d = done.clone();
+        let sink = cluster
+            .spawn("/sink", Properties::new(), move |ctx| {
+                let (mut got, mut x) = (0u64, 0u8);
+                while got < n {
+                    let k = ctx.try_recv_batch(256, |m| x ^= m.bytes()[0]);
+                    if k == 0 {
+                        std::hint::spin_loop();
+                    }
+                    got += k as u64;
+                }
+                std::hint::black_box(x);
+                d.store(true, Ordering::Release);
+                while ctx.recv().is_some() {}
+            })
+            .expect("spawn sink");
+        let mailbox = cluster.mailbox().expect("mailbox");
+        let batch = [[7u8; 8]; 64];
+        let t = Instant::now();
+        let mut left = n as usize;
+        while left > 0 {
+            let k = left.min(batch.len());
+            mailbox.send_batch(&sink, &batch[..k]).expect("send_batch");
+            left -= k;
+        }
+        while !done.load(Ordering::Acquire) {
+            std::hint::spin_loop();
+        }
+        let rate = n as f64 / t.elapsed().as_secs_f64();
+        drop(mailbox);
+        cluster.shutdown();
+        cluster
+            .join(Duration::from_secs(10))
+            .expect("isolates stop");
+        rate
+    });
+    producer.join().expect("producer")
+}
+
+/// One-way throughput of 8-byte messages, raw `rtrb` one at a time against isolate-cluster
+/// with batches, in alternating rounds on the pinned core pair (criterion's `throughput`
+/// bench runs its peers minutes apart; this machine's speed drifts more than that):
+/// the report section, with the target line last.
+pub fn throughput(cfg: Config, cores: Cores) -> String {
+    let rounds = if cfg.quick { 3 } else { 9 };
+    let n = throughput_messages(cfg);
+    let (mut raw, mut ours, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        let r = rtrb_one_way(cores, n);
+        let o = isolates_one_way(cores, n);
+        raw.push(r);
+        ours.push(o);
+        ratios.push(o / r);
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (lo, hi) = (
+        ratios.iter().copied().fold(f64::INFINITY, f64::min),
+        ratios.iter().copied().fold(0.0, f64::max),
+    );
+    let (r, o, ratio) = (median(&mut raw), median(&mut ours), median(&mut ratios));
+    let mut s = String::new();
+    let _ = writeln!(s, "## Throughput, 8-byte messages, interleaved\n");
+    let _ = writeln!(
+        s,
+        "{rounds} alternating rounds of {n} one-way messages each, 1 MiB rings, producer on core {}, consumer on core {}. Medians over the rounds.\n",
+        cores[1].id, cores[0].id
+    );
+    let _ = writeln!(s, "| peer | messages/s |\n|---|---:|");
+    let _ = writeln!(
+        s,
+        "| raw rtrb, one push and one pop per value | {:.1} M |",
+        r / 1e6
+    );
+    let _ = writeln!(
+        s,
+        "| isolate-cluster, `send_batch` of 64, `try_recv_batch` | {:.1} M |\n",
+        o / 1e6
+    );
+    let verdict = if ratio >= 1.0 { "met" } else { "missed" };
+    let _ = writeln!(
+        s,
+        "- 8-byte batched throughput / raw rtrb one at a time: {ratio:.2}× (median of the rounds' ratios; range {lo:.2}–{hi:.2}×; target ≥ 1×) — {verdict}"
+    );
+    s
+}

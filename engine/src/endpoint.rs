@@ -263,8 +263,19 @@ const REMOTE_SPIN: Duration = Duration::from_millis(1);
 
 /// What one poll of the inbox found.
 pub(crate) enum Polled {
-    Ring { link: usize, frame: RingFrame },
-    Owned { frame: OwnedFrame },
+    Ring {
+        link: usize,
+        frame: RingFrame,
+    },
+    /// Entry `entry` of the pack frame `frame` (see `frame.rs`).
+    Pack {
+        link: usize,
+        frame: RingFrame,
+        entry: u32,
+    },
+    Owned {
+        frame: OwnedFrame,
+    },
     Event(Control),
 }
 
@@ -328,7 +339,7 @@ impl Inbound {
             }
             let frame = l.peek()?;
             // SAFETY: `peek` returned a frame in place, initialised and not yet committed.
-            let flags = unsafe { (*frame.frame).0[5] };
+            let [kind, flags] = unsafe { [(*frame.frame).0[4], (*frame.frame).0[5]] };
             if flags & FLAG_REPLY != 0 {
                 let owned = l.take_owned(frame);
                 self.route_reply(owned, counters);
@@ -336,6 +347,14 @@ impl Inbound {
             }
             l.held = true;
             self.held += 1;
+            if kind == FrameKind::Pack as u8 {
+                let entry = l.pack_next;
+                return Some(Polled::Pack {
+                    link: i,
+                    frame,
+                    entry,
+                });
+            }
             return Some(Polled::Ring { link: i, frame });
         }
     }
@@ -382,7 +401,7 @@ impl Inbound {
                 let Some(h) = FrameHeader::read_from(first) else {
                     unreachable!("in-process frames have valid headers")
                 };
-                let owned = if h.flags() & FLAG_REPLY != 0 {
+                if h.flags() & FLAG_REPLY != 0 {
                     if wanted == Some(h.correlation()) && h.flags() & FLAG_ERROR == 0 {
                         self.links[i].held = true;
                         self.held += 1;
@@ -391,10 +410,10 @@ impl Inbound {
                     let owned = self.links[i].take_owned(f);
                     self.route_reply(owned, &shared.counters);
                     continue;
-                } else {
-                    self.links[i].take_owned(f)
-                };
-                self.links[i].overflow.push_back(owned);
+                }
+                let mut moved = Vec::new();
+                self.links[i].take_frames(f, |owned| moved.push(owned));
+                self.links[i].overflow.extend(moved);
             }
         }
         None
@@ -506,12 +525,26 @@ impl Inbound {
         self.held -= 1;
     }
 
+    /// Releases the entry of pack frame `frame` read in place from link `i`.
+    pub(crate) fn release_entry(&mut self, i: usize, frame: RingFrame) {
+        let l = &mut self.links[i];
+        debug_assert!(l.held);
+        l.consume_one(frame);
+        l.held = false;
+        self.held -= 1;
+    }
+
     /// Frees ring space for blocked peers: moves every frame of every link that is not
     /// held out of its ring (see `move_out_of_rings`).
     fn drain_to_overflow(&mut self, shared: &EndpointShared) {
         self.move_out_of_rings(shared, None);
     }
 }
+
+/// A link claimed for a batch read: its index, its waiting cells in place (up to two runs
+/// of cells, as first cell and count), and the entries of the pack frame at their head
+/// already read.
+pub(crate) type BatchClaim = (usize, [(*const Cell, usize); 2], u32);
 
 /// A reply found by `wait_reply`: in place in a ring (the usual case), or set aside
 /// earlier.
@@ -1238,9 +1271,10 @@ impl LocalEndpoint {
 
     /// Claims one link whose ring holds frames for a batch read (round robin over the
     /// links, after those already claimed): marks it held, so nothing else consumes it,
-    /// and returns its waiting cells in place. Links with frames set aside (overflow) are
+    /// and returns its waiting cells in place, and the entries of the pack frame at their
+    /// head already read (0 for other frames). Links with frames set aside (overflow) are
     /// left to `poll`, which reads those first.
-    pub(crate) fn claim_batch(&self) -> Option<(usize, [(*const Cell, usize); 2])> {
+    pub(crate) fn claim_batch(&self) -> Option<BatchClaim> {
         self.flush_spills();
         let mut guard = self.inbound.borrow_mut();
         let inb = &mut *guard;
@@ -1258,20 +1292,22 @@ impl LocalEndpoint {
             l.held = true;
             inb.held += 1;
             inb.cursor = (i + 1) % n;
-            return Some((i, runs));
+            return Some((i, runs, l.pack_next));
         }
         None
     }
 
     /// Ends a batch read of link `link`: consumes the `cells` it read and counts the
-    /// `messages` it delivered.
-    pub(crate) fn finish_batch(&self, link: usize, cells: usize, messages: u64) {
+    /// `messages` it delivered; `pack_next` entries of the pack frame after those cells
+    /// were delivered too (0: none).
+    pub(crate) fn finish_batch(&self, link: usize, cells: usize, messages: u64, pack_next: u32) {
         let mut inb = self.inbound.borrow_mut();
         let l = &mut inb.links[link];
         debug_assert!(l.held);
         if cells > 0 {
             l.commit(cells);
         }
+        l.pack_next = pack_next;
         l.held = false;
         inb.held -= 1;
         let c = &self.shared.counters.received;

@@ -8,7 +8,9 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use crate::endpoint::{BytesSource, EndpointShared};
-use crate::frame::{frame_cells, FrameHeader, FrameKind, RingError, CELL_BYTES, HEADER_BYTES};
+use crate::frame::{
+    frame_cells, pack_stride, FrameHeader, FrameKind, RingError, CELL_BYTES, HEADER_BYTES,
+};
 use crate::link::{new_ring, InLink, OutLink, WriteOutcome};
 
 /// Reads bytes one at a time; zero once they run out.
@@ -72,7 +74,7 @@ pub fn frames(data: &[u8]) {
         (usize::from(b) * (usize::from(scale % 4) + 1) * 2) % (max + 8)
     };
     while !input.is_empty() {
-        match input.byte() % 4 {
+        match input.byte() % 5 {
             0 => {
                 let len = size(input.byte(), input.byte());
                 let p = payload(seq, len);
@@ -106,8 +108,12 @@ pub fn frames(data: &[u8]) {
             1 => {
                 let count = usize::from(input.byte() % 8);
                 let len = size(input.byte(), 0);
-                let batch: Vec<Vec<u8>> =
-                    (0..count).map(|k| payload(seq + k as u32, len)).collect();
+                // Mostly one length (packed while small); sometimes every third value
+                // a byte longer, which ends a pack.
+                let vary = input.byte() % 3 == 0;
+                let batch: Vec<Vec<u8>> = (0..count)
+                    .map(|k| payload(seq + k as u32, len + usize::from(vary && k % 3 == 2)))
+                    .collect();
                 let written = out
                     .write_batch(header, count, |k, window: &mut [MaybeUninit<u8>]| {
                         let p = &batch[k];
@@ -129,6 +135,7 @@ pub fn frames(data: &[u8]) {
             2 => {
                 read_one(&mut inl, &mut model);
             }
+            3 => move_out(&mut inl, &mut model),
             _ => while read_one(&mut inl, &mut model) {},
         }
     }
@@ -144,8 +151,8 @@ pub fn frames(data: &[u8]) {
     );
 }
 
-/// Reads one frame and checks it against the model's next one. Returns whether a frame
-/// was read.
+/// Reads one message (a frame, or the next entry of a pack frame) and checks it against
+/// the model's next one. Returns whether a message was read.
 fn read_one(inl: &mut InLink, model: &mut VecDeque<Vec<u8>>) -> bool {
     let Some(f) = inl.peek() else {
         assert!(
@@ -158,20 +165,65 @@ fn read_one(inl: &mut InLink, model: &mut VecDeque<Vec<u8>>) -> bool {
     let expected = model.pop_front().expect("a frame that was never written");
     // SAFETY: `peek` returned `f.cells` initialised cells in place, not yet committed.
     let cells = unsafe { std::slice::from_raw_parts(f.frame, f.cells) };
+    let bytes: &[u8] = bytemuck_cells(cells);
     let h = FrameHeader::read_from(&cells[0]).expect("a valid header");
+    let (h, at) = if h.kind() == FrameKind::Pack {
+        let (len, count) = h.pack();
+        let stride = pack_stride(len as usize);
+        assert!(count >= 2, "a pack of {count}");
+        assert!(
+            stride <= crate::link::PACK_MAX_STRIDE,
+            "pack stride {stride}"
+        );
+        assert!(inl.pack_next < count);
+        assert_eq!(f.cells, frame_cells(stride * count as usize), "pack cells");
+        let at = HEADER_BYTES + inl.pack_next as usize * stride;
+        // The bytes between entries are zeros.
+        assert!(bytes[at + len as usize..at + stride]
+            .iter()
+            .all(|b| *b == 0));
+        (h.entry(), at)
+    } else {
+        assert_eq!(inl.pack_next, 0);
+        assert_eq!(f.cells, frame_cells(expected.len()), "frame cells");
+        (h, HEADER_BYTES)
+    };
     assert_eq!(h.kind(), FrameKind::Copy);
     assert_eq!(h.len() as usize, expected.len(), "frame length");
-    assert_eq!(f.cells, frame_cells(expected.len()), "frame cells");
-    // SAFETY: the frame's payload follows its header inside these cells.
-    let bytes = unsafe {
-        std::slice::from_raw_parts(
-            cells.as_ptr().cast::<u8>().add(HEADER_BYTES),
-            expected.len(),
-        )
-    };
-    assert_eq!(bytes, &expected[..], "frame bytes");
-    inl.commit(f.cells);
+    assert_eq!(
+        &bytes[at..at + expected.len()],
+        &expected[..],
+        "frame bytes"
+    );
+    inl.consume_one(f);
     true
+}
+
+/// Moves the messages of the frame at the head of the ring out of it (as a blocked
+/// receiver does), checking each against the model.
+fn move_out(inl: &mut InLink, model: &mut VecDeque<Vec<u8>>) {
+    let Some(f) = inl.peek() else {
+        assert!(model.is_empty());
+        return;
+    };
+    inl.take_frames(f, |owned| {
+        let expected = model.pop_front().expect("a frame that was never written");
+        let h = owned.header();
+        assert_eq!(h.kind(), FrameKind::Copy);
+        assert_eq!(
+            owned.cells.len(),
+            frame_cells(expected.len()),
+            "owned cells"
+        );
+        assert_eq!(owned.payload(), &expected[..], "owned bytes");
+    });
+    assert_eq!(inl.pack_next, 0);
+}
+
+/// The bytes of `cells`.
+fn bytemuck_cells(cells: &[crate::frame::Cell]) -> &[u8] {
+    // SAFETY: a cell is 64 initialised bytes with no padding; `u8` has alignment 1.
+    unsafe { std::slice::from_raw_parts(cells.as_ptr().cast::<u8>(), cells.len() * CELL_BYTES) }
 }
 
 /// Arbitrary bytes presented as what arrives from outside the process: a frame header,

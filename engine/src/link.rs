@@ -14,7 +14,8 @@ use rtrb::{Consumer, Producer, RingBuffer};
 use crate::barrier;
 use crate::endpoint::EndpointShared;
 use crate::frame::{
-    frame_cells, Cell, FrameHeader, FrameKind, RingError, TransferPayload, CELL_BYTES, HEADER_BYTES,
+    frame_cells, pack_stride, Cell, FrameHeader, FrameKind, RingError, TransferPayload, CELL_BYTES,
+    HEADER_BYTES,
 };
 
 /// What a frame writer produced.
@@ -95,6 +96,18 @@ fn zero_tail_slow(cells: &mut [MaybeUninit<Cell>], len: usize) {
         std::ptr::write_bytes(cells.as_mut_ptr().cast::<u8>().add(end), 0, total - end);
     }
 }
+
+/// Zeroes `window[from..to]`.
+#[inline(always)]
+fn zero_bytes(window: &mut [MaybeUninit<u8>], from: usize, to: usize) {
+    if from < to {
+        window[from..to].fill(MaybeUninit::new(0));
+    }
+}
+
+/// The largest pack entry (see `frame.rs`): past it, a frame header per message costs
+/// less than a third of the message anyway.
+pub(crate) const PACK_MAX_STRIDE: usize = 64;
 
 /// Writes the header at the start of the first cell.
 #[inline]
@@ -436,9 +449,12 @@ impl OutLink {
 
     /// Writes frames for values `0..count` (each filled by `fill(k, window)`) into the
     /// contiguous free space, as many as fit, and publishes them all with one index store.
-    /// Returns how many were written: 0 when not even the first fits there (the caller
-    /// then writes one frame with [`write`](Self::write), which handles wrapping, full
-    /// rings and frames too large for the ring).
+    /// Runs of small values of one length go into pack frames (see `frame.rs`): a value
+    /// of at most [`PACK_MAX_STRIDE`] bytes is followed in its frame by the next values for
+    /// as long as they serialise to the same length. Returns how many values were written:
+    /// 0 when not even the first fits there (the caller then writes one frame with
+    /// [`write`](Self::write), which handles wrapping, full rings and frames too large for
+    /// the ring).
     #[inline]
     pub(crate) fn write_batch<F>(
         &mut self,
@@ -470,14 +486,40 @@ impl OutLink {
         while written < count && used < contiguous {
             let frame = &mut first[used..];
             zero_first_cell_payload(frame);
-            match fill(written, payload_window(frame)) {
+            let window = payload_window(frame);
+            let room = window.len();
+            match fill(written, window) {
                 Ok(len) => {
-                    header.set_len(len as u32);
+                    let stride = pack_stride(len);
+                    let mut k = 1;
+                    if stride <= PACK_MAX_STRIDE {
+                        zero_bytes(window, len, stride.min(room));
+                        while written + k < count && (k + 1) * stride <= room {
+                            let entry = &mut window[k * stride..(k + 1) * stride];
+                            match fill(written + k, entry) {
+                                Ok(l) if l == len => {
+                                    zero_bytes(entry, len, stride);
+                                    k += 1;
+                                }
+                                // Another length (or an error, reported when the value
+                                // starts a frame of its own): the pack ends here.
+                                _ => break,
+                            }
+                        }
+                    }
+                    let payload = if k == 1 {
+                        header.set_len(len as u32);
+                        len
+                    } else {
+                        header.set_pack(len as u32, k as u32);
+                        k * stride
+                    };
                     put_header(frame, &header);
-                    let cells = header.frame_cells();
-                    zero_tail(&mut frame[..cells], len);
+                    let cells = frame_cells(payload);
+                    zero_tail(&mut frame[..cells], payload);
+                    header = header.entry();
                     used += cells;
-                    written += 1;
+                    written += k;
                 }
                 Err(RingError::NoRoom) => break,
                 Err(RingError::Failed) => {
@@ -487,8 +529,9 @@ impl OutLink {
             }
         }
         debug_assert!(used <= contiguous);
-        // SAFETY: cells 0..used hold `written` complete frames (header then payload), each
-        // written above; padding at the end of a frame's last cell is never read.
+        // SAFETY: cells 0..used hold complete frames (header then payload, every byte
+        // written above: payloads, the zeros after each pack entry and after each frame's
+        // last byte).
         unsafe { chunk.commit(used) };
         self.pos += used;
         if self.pos == self.cap {
@@ -536,6 +579,8 @@ pub(crate) struct InLink {
     pub overflow: VecDeque<OwnedFrame>,
     /// A message read from this link is held by the user (the ring head is pinned).
     pub held: bool,
+    /// Entries of the pack frame at the ring's head already consumed (0 for other frames).
+    pub pack_next: u32,
 }
 
 impl InLink {
@@ -551,6 +596,7 @@ impl InLink {
             shared,
             overflow: VecDeque::new(),
             held: false,
+            pack_next: 0,
         }
     }
 
@@ -667,8 +713,29 @@ impl InLink {
         !self.consumer.is_empty()
     }
 
+    /// Consumes one message of frame `f` (the head of the ring, from [`peek`](Self::peek)):
+    /// the next entry of a pack frame (the frame itself once its last entry is consumed),
+    /// or the whole frame.
+    #[inline]
+    pub(crate) fn consume_one(&mut self, f: RingFrame) {
+        // SAFETY: `peek` returned an initialised frame in place, not yet committed.
+        let h = FrameHeader::read_in_process(unsafe { &*f.frame });
+        if h.kind() == FrameKind::Pack {
+            self.pack_next += 1;
+            if self.pack_next < h.pack().1 {
+                return;
+            }
+            self.pack_next = 0;
+        }
+        self.commit(f.cells);
+    }
+
     /// Copies a frame read in place out of the ring and consumes it there.
     pub(crate) fn take_owned(&mut self, f: RingFrame) -> OwnedFrame {
+        debug_assert!(
+            self.pack_next == 0,
+            "a pack frame is taken with take_frames"
+        );
         // SAFETY: `peek` returned `cells` initialised, contiguous cells that are not yet
         // committed (so not overwritten); they are copied before the commit.
         let cells = unsafe { std::slice::from_raw_parts(f.frame, f.cells) };
@@ -679,8 +746,40 @@ impl InLink {
         owned
     }
 
+    /// Copies the messages of a frame read in place out of the ring, in order, and
+    /// consumes the frame there: a pack frame gives one ordinary copy frame per entry not
+    /// yet consumed; any other frame gives itself.
+    pub(crate) fn take_frames(&mut self, f: RingFrame, mut put: impl FnMut(OwnedFrame)) {
+        // SAFETY: `peek` returned an initialised frame in place, not yet committed.
+        let h = FrameHeader::read_in_process(unsafe { &*f.frame });
+        if h.kind() != FrameKind::Pack {
+            put(self.take_owned(f));
+            return;
+        }
+        let (len, count) = h.pack();
+        let stride = pack_stride(len as usize);
+        let entry = h.entry();
+        for k in self.pack_next..count {
+            let mut cells = vec![Cell::default(); frame_cells(len as usize)].into_boxed_slice();
+            entry.write_to(cells.as_mut_ptr());
+            // SAFETY: entry `k` of the pack lies inside its `f.cells` cells (`len` bytes at
+            // `HEADER_BYTES + k * stride`), which are initialised and not yet committed;
+            // the new frame has room for `len` bytes after its header.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    f.frame.cast::<u8>().add(HEADER_BYTES + k as usize * stride),
+                    cells.as_mut_ptr().cast::<u8>().add(HEADER_BYTES),
+                    len as usize,
+                );
+            }
+            put(OwnedFrame { cells });
+        }
+        self.pack_next = 0;
+        self.commit(f.cells);
+    }
+
     /// Consumes every frame; the transferred values nobody took go to `drops` (the caller
-    /// drops them once it holds no lock). Returns how many frames.
+    /// drops them once it holds no lock). Returns how many messages.
     pub(crate) fn discard_all(&mut self, drops: &mut Vec<TransferPayload>) -> u64 {
         let mut n = 0;
         for f in self.overflow.drain(..) {
@@ -690,11 +789,12 @@ impl InLink {
             n += 1;
         }
         while let Some(f) = self.peek() {
-            let owned = self.take_owned(f);
-            if let Some(t) = owned.transfer() {
-                drops.push(t);
-            }
-            n += 1;
+            self.take_frames(f, |owned| {
+                if let Some(t) = owned.transfer() {
+                    drops.push(t);
+                }
+                n += 1;
+            });
         }
         n
     }

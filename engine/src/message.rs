@@ -91,6 +91,10 @@ const BODY_OWNED: u64 = 1;
 /// In place in a ring read by a batch (`Inbox::try_recv_batch`), which consumes the whole
 /// batch's cells at once after the last message.
 const BODY_BATCH: u64 = 2;
+/// An entry of a pack frame (see `frame.rs`) in place in ring `link`, `bits & 0xffff_ffff`
+/// bytes into the pack's payload; the entry is consumed when the message drops (unless a
+/// batch read hands it out, which consumes the whole batch at once).
+const BODY_PACKED: u64 = 3;
 /// The transferred value was taken.
 const TAKEN: u64 = 1 << 63;
 
@@ -130,6 +134,28 @@ impl<'a> Message<'a> {
         }
     }
 
+    /// Entry `entry` of the pack frame starting at `first`, in place in ring `link`; the
+    /// link is held until the message drops.
+    #[inline(always)]
+    pub(crate) fn in_pack(
+        ep: &'a LocalEndpoint,
+        link: usize,
+        first: *const Cell,
+        entry: u32,
+    ) -> Self {
+        debug_assert!(link < 1 << 28);
+        // SAFETY: `first` is an initialised pack frame in place, not yet committed.
+        let (len, count) = FrameHeader::read_in_process(unsafe { &*first }).pack();
+        debug_assert!(entry < count);
+        let offset = entry as usize * crate::frame::pack_stride(len as usize);
+        Self {
+            ep,
+            // SAFETY: ring frames point into the ring's buffer, never NULL.
+            frame: unsafe { NonNull::new_unchecked(first.cast_mut()) },
+            bits: offset as u64 | (link as u64) << 32 | BODY_PACKED << BODY_SHIFT,
+        }
+    }
+
     /// A frame moved out of its ring: the message owns (and frees) the cells.
     pub(crate) fn owned(ep: &'a LocalEndpoint, cells: Box<[Cell]>) -> Self {
         let n = cells.len();
@@ -151,6 +177,16 @@ impl<'a> Message<'a> {
     /// The frame's header.
     #[inline(always)]
     pub(crate) fn header(&self) -> FrameHeader {
+        let h = self.frame_header();
+        if self.body() == BODY_PACKED {
+            return h.entry();
+        }
+        h
+    }
+
+    /// The header of the frame itself (for a pack entry, the pack's).
+    #[inline(always)]
+    fn frame_header(&self) -> FrameHeader {
         // SAFETY: the frame's first cell stays in place, initialised, while `self` lives
         // (an uncommitted ring cell or an owned box).
         FrameHeader::read_in_process(unsafe { self.frame.as_ref() })
@@ -167,8 +203,14 @@ impl<'a> Message<'a> {
     }
 
     fn payload_ptr(&self) -> *const u8 {
-        // SAFETY: every frame is at least one cell, longer than the header.
-        unsafe { self.frame().cast::<u8>().add(HEADER_BYTES) }
+        let entry = if self.body() == BODY_PACKED {
+            self.bits as u32 as usize
+        } else {
+            0
+        };
+        // SAFETY: every frame is at least one cell, longer than the header; a pack entry
+        // lies inside its pack's payload.
+        unsafe { self.frame().cast::<u8>().add(HEADER_BYTES + entry) }
     }
 
     /// The type tag of the payload.
@@ -193,7 +235,9 @@ impl<'a> Message<'a> {
             return &[];
         }
         let len = self.header().len() as usize;
-        debug_assert!(HEADER_BYTES + len <= self.frame_cells() * CELL_BYTES);
+        debug_assert!(
+            self.body() == BODY_PACKED || HEADER_BYTES + len <= self.frame_cells() * CELL_BYTES
+        );
         // SAFETY: the payload holds `len` initialised bytes, 16-aligned, that stay in place
         // (uncommitted ring cells or an owned box) for as long as `self` lives.
         unsafe { std::slice::from_raw_parts(self.payload_ptr(), len) }
@@ -429,6 +473,14 @@ impl Drop for Message<'_> {
                     .inbound
                     .borrow_mut()
                     .release(link, self.frame_cells());
+            }
+            BODY_PACKED => {
+                let link = ((self.bits >> 32) & ((1 << 28) - 1)) as usize;
+                let frame = RingFrame {
+                    frame: self.frame(),
+                    cells: self.frame_header().frame_cells(),
+                };
+                self.ep.inbound.borrow_mut().release_entry(link, frame);
             }
             BODY_OWNED => {
                 let cells =

@@ -62,7 +62,7 @@ fn try_send_batch_stops_at_a_full_ring_and_says_how_many_went() {
             .spawn("/sink", Properties::new(), move |ctx| {
                 g2.wait();
                 let mut got = Vec::new();
-                while got.len() < 4 {
+                while got.len() < 14 {
                     if let Some(Event::Message(m)) = ctx.recv() {
                         got.push(m.get::<u32>().unwrap().to_native());
                     }
@@ -76,10 +76,11 @@ fn try_send_batch_stops_at_a_full_ring_and_says_how_many_went() {
             mailbox.try_send_batch(&sink, &too_big),
             Err(SendError::TooLarge { capacity: 256, .. })
         ));
-        let n = mailbox
-            .try_send_batch(&sink, &[10u32, 11, 12, 13, 14, 15])
-            .unwrap();
-        assert_eq!(n, 4, "a 4-cell ring takes four one-cell frames");
+        let values: Vec<u32> = (10..30).collect();
+        let n = mailbox.try_send_batch(&sink, &values).unwrap();
+        // Small values of one length are packed 16 bytes apiece behind one header:
+        // 4 cells of 64 bytes hold (256 - 32) / 16 of them.
+        assert_eq!(n, 14, "a 4-cell ring takes one pack of fourteen");
         assert_eq!(mailbox.try_send_batch(&sink, &[16u32]), Ok(0));
         assert_eq!(
             mailbox.link_occupancy(),
@@ -94,8 +95,8 @@ fn try_send_batch_stops_at_a_full_ring_and_says_how_many_went() {
             .unwrap();
         assert_eq!(
             (me.sent, me.full),
-            (4, 2),
-            "four sent; the rest of the batch and the lone frame found it full"
+            (14, 2),
+            "fourteen sent; the rest of the batch and the lone frame found it full"
         );
         gate.wait();
         let got = expect_message(&mailbox, T, |m| {
@@ -105,7 +106,7 @@ fn try_send_batch_stops_at_a_full_ring_and_says_how_many_went() {
                 .map(|v| v.to_native())
                 .collect::<Vec<u32>>()
         });
-        assert_eq!(got, [10, 11, 12, 13]);
+        assert_eq!(got, (10..24).collect::<Vec<u32>>());
         cluster.shutdown();
         cluster.join(T).unwrap();
     });
@@ -325,5 +326,94 @@ fn a_panicking_batch_handler_drops_an_untaken_transfer_once() {
         cluster.shutdown();
         cluster.join(T).unwrap();
         assert_eq!(drops.load(Ordering::Relaxed), 1);
+    });
+}
+
+/// Small values sent in a batch travel packed (several per frame): each is still its own
+/// message, read in order exactly once whether it is received one at a time, in batches
+/// that stop inside a pack, or after being set aside while the receiver waited for a
+/// reply; and packed values never read are each counted as undelivered.
+#[test]
+fn packed_values_are_messages_however_they_are_read() {
+    with_timeout(Duration::from_secs(60), || {
+        let cluster = Cluster::single_node();
+        let mailbox = cluster.mailbox().unwrap();
+        let me = mailbox.me().clone();
+        let echo = cluster
+            .spawn("/echo", Properties::new(), |ctx| {
+                while let Some(ev) = ctx.recv() {
+                    if let Event::Message(m) = ev {
+                        m.reply(&(m.get::<u64>().unwrap().to_native() + 1)).unwrap();
+                    }
+                }
+            })
+            .unwrap();
+        let values: Vec<u64> = (0..100).collect();
+        mailbox.send_batch(&me, &values).unwrap();
+        // The 100 values take far fewer bytes than 100 one-cell frames.
+        let [(_, used, _)] = mailbox.link_occupancy()[..] else {
+            panic!("one link")
+        };
+        assert!(used <= 30 * 64, "100 packed values take {used} bytes");
+
+        let mut got = Vec::new();
+        let one = |got: &mut Vec<u64>| match mailbox.try_recv() {
+            Some(Event::Message(m)) => {
+                assert_eq!(m.correlation(), 0);
+                assert_eq!(m.sender_id(), me.id());
+                assert_eq!(m.bytes().len(), 8);
+                got.push(m.get::<u64>().unwrap().to_native());
+            }
+            other => panic!("{other:?}"),
+        };
+        // One at a time, then a batch that stops inside a pack, then one at a time again.
+        one(&mut got);
+        one(&mut got);
+        assert_eq!(
+            mailbox.try_recv_batch(3, |m| got.push(m.get::<u64>().unwrap().to_native())),
+            3,
+            "a batch goes on inside a pack read in part"
+        );
+        for _ in 0..20 {
+            one(&mut got);
+        }
+        let mut batches = 0;
+        while got.len() < 60 {
+            let n = mailbox.try_recv_batch(7, |m| got.push(m.get::<u64>().unwrap().to_native()));
+            if n == 0 {
+                one(&mut got);
+            } else {
+                assert!(n <= 7);
+                batches += 1;
+            }
+        }
+        assert!(batches > 0);
+        one(&mut got);
+        // Waiting for a reply moves everything else in the rings aside, the rest of
+        // the pack under way included.
+        let reply = mailbox.call(&echo, &41u64, T).unwrap();
+        assert_eq!(reply.get::<u64>().unwrap().to_native(), 42);
+        drop(reply);
+        while got.len() < 100 {
+            one(&mut got);
+        }
+        assert!(mailbox.try_recv().is_none());
+        assert_eq!(got, values, "every value once, in order");
+
+        // Packed values nobody reads are counted one by one.
+        let gate = Arc::new(Barrier::new(2));
+        let g2 = gate.clone();
+        let deaf = cluster
+            .spawn("/deaf", Properties::new(), move |_ctx| {
+                g2.wait();
+            })
+            .unwrap();
+        mailbox.send_batch(&deaf, &values[..50]).unwrap();
+        gate.wait();
+        deaf.wait_down(T).unwrap();
+        assert_eq!(cluster.stats().undelivered, 50);
+        drop(mailbox);
+        cluster.shutdown();
+        cluster.join(T).unwrap();
     });
 }
