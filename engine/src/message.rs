@@ -175,21 +175,36 @@ impl<'a> Message<'a> {
     }
 
     /// The frame's header.
+    ///
+    /// For an entry of a pack frame this is the pack's header: its tag, flags, sender and
+    /// reply-to are the entry's, but its kind is `Pack` (read it as `Copy`), its length
+    /// the whole pack's and its correlation word the pack's shape (use [`len`](Self::len),
+    /// [`correlation`](Self::correlation) and [`entry_header`](Self::entry_header)).
+    /// Kept raw so that the fields every message reads cost no branch.
     #[inline(always)]
     pub(crate) fn header(&self) -> FrameHeader {
-        let h = self.frame_header();
-        if self.body() == BODY_PACKED {
-            return h.entry();
-        }
-        h
-    }
-
-    /// The header of the frame itself (for a pack entry, the pack's).
-    #[inline(always)]
-    fn frame_header(&self) -> FrameHeader {
         // SAFETY: the frame's first cell stays in place, initialised, while `self` lives
         // (an uncommitted ring cell or an owned box).
         FrameHeader::read_in_process(unsafe { self.frame.as_ref() })
+    }
+
+    /// The header as this message alone would have it (a pack entry's reads as a copy
+    /// frame of the entry's length, with no correlation id).
+    fn entry_header(&self) -> FrameHeader {
+        if self.body() == BODY_PACKED {
+            return self.header().entry();
+        }
+        self.header()
+    }
+
+    /// Where the payload starts in the frame's payload area, and its length in bytes.
+    #[inline(always)]
+    fn span(&self) -> (usize, usize) {
+        let h = self.header();
+        if self.body() == BODY_PACKED {
+            return (self.bits as u32 as usize, h.pack().0 as usize);
+        }
+        (0, h.len() as usize)
     }
 
     /// The frame's first cell; the payload starts `HEADER_BYTES` into it.
@@ -202,15 +217,10 @@ impl<'a> Message<'a> {
         self.bits as u32 as usize
     }
 
+    /// Where the frame's payload starts (for a pack entry, where the pack's does).
     fn payload_ptr(&self) -> *const u8 {
-        let entry = if self.body() == BODY_PACKED {
-            self.bits as u32 as usize
-        } else {
-            0
-        };
-        // SAFETY: every frame is at least one cell, longer than the header; a pack entry
-        // lies inside its pack's payload.
-        unsafe { self.frame().cast::<u8>().add(HEADER_BYTES + entry) }
+        // SAFETY: every frame is at least one cell, longer than the header.
+        unsafe { self.frame().cast::<u8>().add(HEADER_BYTES) }
     }
 
     /// The type tag of the payload.
@@ -226,6 +236,9 @@ impl<'a> Message<'a> {
 
     /// The correlation id (0 for none).
     pub fn correlation(&self) -> u64 {
+        if self.body() == BODY_PACKED {
+            return 0;
+        }
         self.header().correlation()
     }
 
@@ -234,13 +247,15 @@ impl<'a> Message<'a> {
         if self.is_transfer() {
             return &[];
         }
-        let len = self.header().len() as usize;
+        let (at, len) = self.span();
         debug_assert!(
             self.body() == BODY_PACKED || HEADER_BYTES + len <= self.frame_cells() * CELL_BYTES
         );
-        // SAFETY: the payload holds `len` initialised bytes, 16-aligned, that stay in place
-        // (uncommitted ring cells or an owned box) for as long as `self` lives.
-        unsafe { std::slice::from_raw_parts(self.payload_ptr(), len) }
+        // SAFETY: the payload holds `len` initialised bytes `at` bytes into the frame's
+        // payload area (0, or a pack entry's offset, a multiple of 16, inside the pack),
+        // 16-aligned, that stay in place (uncommitted ring cells or an owned box) for as
+        // long as `self` lives.
+        unsafe { std::slice::from_raw_parts(self.payload_ptr().add(at), len) }
     }
 
     fn transfer_payload(&self) -> TransferPayload {
@@ -256,7 +271,9 @@ impl<'a> Message<'a> {
 
     #[inline]
     fn check<T: 'static>(&self, kind: FrameKind) -> Result<(), AccessError> {
-        if self.header().kind() != kind {
+        let found = self.header().kind();
+        // A pack entry is a copy.
+        if found != kind && !(found == FrameKind::Pack && kind == FrameKind::Copy) {
             return Err(match kind {
                 FrameKind::Copy => AccessError::NotCopy,
                 _ => AccessError::NotTransfer,
@@ -418,7 +435,7 @@ impl<'a> Message<'a> {
     pub fn replier(&self) -> Replier {
         Replier {
             reply_to: self.header().reply_to(),
-            correlation: self.header().correlation(),
+            correlation: self.correlation(),
             request: self.header().flags() & FLAG_CALL != 0,
         }
     }
@@ -478,7 +495,7 @@ impl Drop for Message<'_> {
                 let link = ((self.bits >> 32) & ((1 << 28) - 1)) as usize;
                 let frame = RingFrame {
                     frame: self.frame(),
-                    cells: self.frame_header().frame_cells(),
+                    cells: self.header().frame_cells(),
                 };
                 self.ep.inbound.borrow_mut().release_entry(link, frame);
             }
@@ -496,14 +513,15 @@ impl Drop for Message<'_> {
 
 impl fmt::Debug for Message<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let h = self.entry_header();
         f.debug_struct("Message")
-            .field("kind", &self.header().kind())
-            .field("flags", &self.header().flags())
-            .field("tag", &format_args!("{:#x}", self.header().tag()))
-            .field("len", &self.header().len())
-            .field("sender", &self.header().sender())
-            .field("reply_to", &self.header().reply_to())
-            .field("correlation", &self.header().correlation())
+            .field("kind", &h.kind())
+            .field("flags", &h.flags())
+            .field("tag", &format_args!("{:#x}", h.tag()))
+            .field("len", &h.len())
+            .field("sender", &h.sender())
+            .field("reply_to", &h.reply_to())
+            .field("correlation", &h.correlation())
             .finish()
     }
 }
