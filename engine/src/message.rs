@@ -224,17 +224,20 @@ impl<'a> Message<'a> {
     }
 
     /// The type tag of the payload.
+    #[inline]
     pub fn tag(&self) -> TypeTag {
         self.header().tag()
     }
 
     /// Whether this is a transfer (use [`take`](Self::take)) rather than a copy (use
     /// [`get`](Self::get)).
+    #[inline]
     pub fn is_transfer(&self) -> bool {
         self.header().kind() == FrameKind::Transfer
     }
 
     /// The correlation id (0 for none).
+    #[inline]
     pub fn correlation(&self) -> u64 {
         if self.body() == BODY_PACKED {
             return 0;
@@ -243,6 +246,7 @@ impl<'a> Message<'a> {
     }
 
     /// The payload bytes of a copy message (empty for a transfer).
+    #[inline]
     pub fn bytes(&self) -> &[u8] {
         if self.is_transfer() {
             return &[];
@@ -340,11 +344,13 @@ impl<'a> Message<'a> {
     }
 
     /// The id of the sending endpoint.
+    #[inline]
     pub fn sender_id(&self) -> u32 {
         self.header().sender()
     }
 
     /// The id of the endpoint replies go to (0: none); usually the sender's.
+    #[inline]
     pub fn reply_to_id(&self) -> u32 {
         self.header().reply_to()
     }
@@ -376,6 +382,7 @@ impl<'a> Message<'a> {
 
     /// Replies with raw bytes and an explicit tag (for example the bytes and tag of this
     /// very message, to echo it).
+    #[inline]
     pub fn reply_bytes(&self, tag: TypeTag, bytes: &[u8]) -> Result<(), SendError> {
         if self.header().reply_to() == 0 {
             return Err(SendError::UnknownTarget(()));
@@ -432,6 +439,7 @@ impl<'a> Message<'a> {
     /// A detached handle to answer this message later, after it is dropped (to answer
     /// requests out of order, or from another moment of the receive loop): see
     /// [`Inbox::reply`](crate::Inbox::reply).
+    #[inline]
     pub fn replier(&self) -> Replier {
         Replier {
             reply_to: self.header().reply_to(),
@@ -441,11 +449,13 @@ impl<'a> Message<'a> {
     }
 
     /// Whether this message is a request (sent with `call`/`request`): reply to it.
+    #[inline]
     pub fn is_request(&self) -> bool {
         self.header().flags() & FLAG_CALL != 0
     }
 
     /// Whether this message is an error (see [`reply_error`](Self::reply_error)).
+    #[inline]
     pub fn is_error(&self) -> bool {
         self.header().flags() & FLAG_ERROR != 0
     }
