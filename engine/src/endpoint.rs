@@ -518,20 +518,22 @@ impl Inbound {
     /// Releases a frame read in place from link `i`.
     #[inline]
     pub(crate) fn release(&mut self, i: usize, cells: usize) {
-        let l = &mut self.links[i];
-        debug_assert!(l.held);
-        l.commit(cells);
-        l.held = false;
-        self.held -= 1;
+        self.unhold(i).commit(cells);
     }
 
     /// Releases the entry of pack frame `frame` read in place from link `i`.
     pub(crate) fn release_entry(&mut self, i: usize, frame: RingFrame) {
+        self.unhold(i).consume_one(frame);
+    }
+
+    /// Link `i`, no longer held.
+    #[inline(always)]
+    fn unhold(&mut self, i: usize) -> &mut InLink {
+        self.held -= 1;
         let l = &mut self.links[i];
         debug_assert!(l.held);
-        l.consume_one(frame);
         l.held = false;
-        self.held -= 1;
+        l
     }
 
     /// Frees ring space for blocked peers: moves every frame of every link that is not

@@ -458,7 +458,7 @@ impl OutLink {
     #[inline]
     pub(crate) fn write_batch<F>(
         &mut self,
-        mut header: FrameHeader,
+        header: FrameHeader,
         count: usize,
         mut fill: F,
     ) -> Result<usize, RingError>
@@ -507,17 +507,17 @@ impl OutLink {
                             }
                         }
                     }
+                    let mut h = header;
                     let payload = if k == 1 {
-                        header.set_len(len as u32);
+                        h.set_len(len as u32);
                         len
                     } else {
-                        header.set_pack(len as u32, k as u32);
+                        h.set_pack(len as u32, k as u32);
                         k * stride
                     };
-                    put_header(frame, &header);
+                    put_header(frame, &h);
                     let cells = frame_cells(payload);
                     zero_tail(&mut frame[..cells], payload);
-                    header = header.entry();
                     used += cells;
                     written += k;
                 }
