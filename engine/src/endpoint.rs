@@ -411,9 +411,7 @@ impl Inbound {
                     self.route_reply(owned, &shared.counters);
                     continue;
                 }
-                let mut moved = Vec::new();
-                self.links[i].take_frames(f, |owned| moved.push(owned));
-                self.links[i].overflow.extend(moved);
+                self.links[i].set_aside(f);
             }
         }
         None

@@ -778,6 +778,14 @@ impl InLink {
         self.commit(f.cells);
     }
 
+    /// Moves the messages of frame `f` (the head of the ring, from [`peek`](Self::peek))
+    /// to the end of the overflow queue, in order (see [`take_frames`](Self::take_frames)).
+    pub(crate) fn set_aside(&mut self, f: RingFrame) {
+        let mut overflow = std::mem::take(&mut self.overflow);
+        self.take_frames(f, |owned| overflow.push_back(owned));
+        self.overflow = overflow;
+    }
+
     /// Consumes every frame; the transferred values nobody took go to `drops` (the caller
     /// drops them once it holds no lock). Returns how many messages.
     pub(crate) fn discard_all(&mut self, drops: &mut Vec<TransferPayload>) -> u64 {

@@ -178,7 +178,7 @@ impl<'a> Message<'a> {
     ///
     /// For an entry of a pack frame this is the pack's header: its tag, flags, sender and
     /// reply-to are the entry's, but its kind is `Pack` (read it as `Copy`), its length
-    /// the whole pack's and its correlation word the pack's shape (use [`len`](Self::len),
+    /// the whole pack's and its correlation word the pack's shape (use [`span`](Self::span),
     /// [`correlation`](Self::correlation) and [`entry_header`](Self::entry_header)).
     /// Kept raw so that the fields every message reads cost no branch.
     #[inline(always)]
@@ -211,6 +211,12 @@ impl<'a> Message<'a> {
     #[inline(always)]
     fn frame(&self) -> *const Cell {
         self.frame.as_ptr()
+    }
+
+    /// The ring link a message read in place came from.
+    #[inline(always)]
+    fn link(&self) -> usize {
+        ((self.bits >> 32) & ((1 << 28) - 1)) as usize
     }
 
     fn frame_cells(&self) -> usize {
@@ -495,14 +501,14 @@ impl Drop for Message<'_> {
         }
         match self.body() {
             BODY_RING => {
-                let link = ((self.bits >> 32) & ((1 << 28) - 1)) as usize;
+                let link = self.link();
                 self.ep
                     .inbound
                     .borrow_mut()
                     .release(link, self.frame_cells());
             }
             BODY_PACKED => {
-                let link = ((self.bits >> 32) & ((1 << 28) - 1)) as usize;
+                let link = self.link();
                 let frame = RingFrame {
                     frame: self.frame(),
                     cells: self.header().frame_cells(),
