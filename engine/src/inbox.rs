@@ -208,8 +208,19 @@ impl Inbox {
         self.finished.get()
     }
 
-    #[inline]
+    #[inline(always)]
     fn next(&self, deadline: Option<Instant>, wait: bool) -> Option<Event<'_>> {
+        if !self.finished.get() {
+            if let Some((link, frame)) = self.ep.poll_plain() {
+                return Some(Event::Message(Message::in_ring(&self.ep, link, frame)));
+            }
+        }
+        self.next_slow(deadline, wait)
+    }
+
+    /// `next` past its common case: every kind of frame, events, waiting.
+    #[inline(never)]
+    fn next_slow(&self, deadline: Option<Instant>, wait: bool) -> Option<Event<'_>> {
         let mut idle = IdleState::default();
         loop {
             if self.finished.get() {

@@ -638,6 +638,23 @@ impl InLink {
         self.peek_slow()
     }
 
+    /// The next frame in the ring if it is a data frame of one cell (the common case),
+    /// in place, without consuming anything; `None` for anything else (see
+    /// [`peek`](Self::peek)).
+    #[inline(always)]
+    pub(crate) fn peek_plain(&self) -> Option<RingFrame> {
+        let first = self.consumer.peek().ok()?;
+        let b = &first.0;
+        let len = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        let kind = b[4];
+        (len as usize <= CELL_BYTES - HEADER_BYTES
+            && (kind == FrameKind::Copy as u8 || kind == FrameKind::Transfer as u8))
+            .then(|| RingFrame {
+                frame: std::ptr::from_ref(first),
+                cells: 1,
+            })
+    }
+
     /// `peek` for skip frames and frames of several cells.
     #[inline(never)]
     fn peek_slow(&mut self) -> Option<RingFrame> {
