@@ -208,59 +208,74 @@ impl Inbox {
         self.finished.get()
     }
 
+    /// The next event, waiting per the wait strategy if `wait` (until `deadline`).
+    ///
+    /// The common case (a one-cell message at the head of the link being read) is taken
+    /// here, inlined into the caller, on every turn of the wait; everything else is
+    /// `next_turn`'s, out of line. The message is built from two words, never copied
+    /// through memory on its way to the caller.
     #[inline(always)]
     fn next(&self, deadline: Option<Instant>, wait: bool) -> Option<Event<'_>> {
-        if !self.finished.get() {
-            if let Some((link, frame)) = self.ep.poll_plain() {
-                return Some(Event::Message(Message::in_ring(&self.ep, link, frame)));
-            }
-        }
-        self.next_slow(deadline, wait)
-    }
-
-    /// `next` past its common case: every kind of frame, events, waiting.
-    #[inline(never)]
-    fn next_slow(&self, deadline: Option<Instant>, wait: bool) -> Option<Event<'_>> {
         let mut idle = IdleState::default();
         loop {
-            if self.finished.get() {
-                return None;
-            }
-            match self.ep.poll() {
-                Some(Polled::Ring { link, frame }) => {
+            if !self.finished.get() {
+                if let Some((link, frame)) = self.ep.poll_plain() {
                     return Some(Event::Message(Message::in_ring(&self.ep, link, frame)));
                 }
-                Some(Polled::Pack { link, frame, entry }) => {
-                    return Some(Event::Message(Message::in_pack(
-                        &self.ep,
-                        link,
-                        frame.frame,
-                        entry,
-                    )));
-                }
-                Some(Polled::Owned { frame }) => {
-                    return Some(Event::Message(Message::owned(&self.ep, frame.cells)))
-                }
-                Some(Polled::Event(c)) => {
-                    if let Some(ev) = self.filter_event(c) {
-                        return Some(ev);
-                    }
-                    continue;
-                }
-                None => {}
             }
-            if self.stopping.get() {
-                // Everything sent before now was read. Close: what a sender still manages
-                // to publish is drained and counted as undelivered at teardown, never
-                // delivered, so a sender told `Disconnected` can trust it.
-                self.ep.shared.wake.close();
-                self.finished.set(true);
-                return None;
-            }
-            if !wait || !self.ep.idle(&mut idle, deadline) {
-                return None;
+            if let Some(ev) = self.next_turn(deadline, wait, &mut idle) {
+                return ev;
             }
         }
+    }
+
+    /// One turn of `next` past its common case: every kind of frame, events, stopping,
+    /// then one round of waiting. `Some(answer)` ends `next`; `None` means poll again.
+    #[inline(never)]
+    fn next_turn(
+        &self,
+        deadline: Option<Instant>,
+        wait: bool,
+        idle: &mut IdleState,
+    ) -> Option<Option<Event<'_>>> {
+        if self.finished.get() {
+            return Some(None);
+        }
+        match self.ep.poll() {
+            Some(Polled::Ring { link, frame }) => {
+                return Some(Some(Event::Message(Message::in_ring(
+                    &self.ep, link, frame,
+                ))));
+            }
+            Some(Polled::Pack { link, frame, entry }) => {
+                return Some(Some(Event::Message(Message::in_pack(
+                    &self.ep,
+                    link,
+                    frame.frame,
+                    entry,
+                ))));
+            }
+            Some(Polled::Owned { frame }) => {
+                return Some(Some(Event::Message(Message::owned(&self.ep, frame.cells))))
+            }
+            Some(Polled::Event(c)) => {
+                // An event the filters drop: poll again at once.
+                return self.filter_event(c).map(Some);
+            }
+            None => {}
+        }
+        if self.stopping.get() {
+            // Everything sent before now was read. Close: what a sender still manages
+            // to publish is drained and counted as undelivered at teardown, never
+            // delivered, so a sender told `Disconnected` can trust it.
+            self.ep.shared.wake.close();
+            self.finished.set(true);
+            return Some(None);
+        }
+        if !wait || !self.ep.idle(idle, deadline) {
+            return Some(None);
+        }
+        None
     }
 
     fn filter_event(&self, c: Control) -> Option<Event<'_>> {

@@ -356,7 +356,7 @@ impl OutLink {
 
     /// Writes one frame: `header` (its `len` is set from what `src` wrote) and the payload
     /// `src` produces, contiguous, never wrapping. Publishes it with one index store.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn write(
         &mut self,
         header: FrameHeader,

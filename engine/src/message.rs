@@ -438,6 +438,7 @@ impl<'a> Message<'a> {
 
     /// The route of a reply to this message: same correlation id, marked as a reply if
     /// this message is a request.
+    #[inline]
     fn reply_route(&self, flags: u8) -> Route {
         self.replier().route(self.ep.shared.id, flags)
     }
