@@ -216,6 +216,18 @@ impl Inbox {
     /// through memory on its way to the caller.
     #[inline(always)]
     fn next(&self, deadline: Option<Instant>, wait: bool) -> Option<Event<'_>> {
+        self.next_with(deadline, wait, |_| {})
+    }
+
+    /// [`next`](Self::next), calling `seen` on every event that did not take the common
+    /// case (a message the fast path read never goes through it), before returning it.
+    #[inline(always)]
+    pub(crate) fn next_with(
+        &self,
+        deadline: Option<Instant>,
+        wait: bool,
+        seen: impl Fn(&Event<'_>),
+    ) -> Option<Event<'_>> {
         let mut idle = IdleState::default();
         loop {
             if !self.finished.get() {
@@ -224,6 +236,9 @@ impl Inbox {
                 }
             }
             if let Some(ev) = self.next_turn(deadline, wait, &mut idle) {
+                if let Some(e) = &ev {
+                    seen(e);
+                }
                 return ev;
             }
         }
@@ -774,29 +789,30 @@ impl Context {
     /// this isolate to stop (see [`on_shutdown_request`](Self::on_shutdown_request)).
     #[inline]
     pub fn recv(&self) -> Option<Event<'_>> {
-        let ev = self.inbox.recv();
-        self.after(ev)
+        self.inbox.next_with(None, true, |ev| self.after(ev))
     }
 
     /// Like [`recv`](Self::recv) with a timeout.
     pub fn recv_timeout(&self, timeout: Duration) -> Option<Event<'_>> {
-        let ev = self.inbox.recv_timeout(timeout);
-        self.after(ev)
+        let deadline = Instant::now() + timeout;
+        self.inbox
+            .next_with(Some(deadline), true, |ev| self.after(ev))
     }
 
     /// Like [`recv`](Self::recv) without waiting.
     #[inline]
     pub fn try_recv(&self) -> Option<Event<'_>> {
-        let ev = self.inbox.try_recv();
-        self.after(ev)
+        self.inbox.next_with(None, false, |ev| self.after(ev))
     }
 
+    /// Runs the shutdown-request handler if `ev` is the request. Only events the receive
+    /// path's common case did not read come here (that case reads messages only), so a
+    /// message is never copied through it.
     #[inline(always)]
-    fn after<'a>(&'a self, ev: Option<Event<'a>>) -> Option<Event<'a>> {
-        if let Some(Event::ShutdownRequested) = ev {
+    fn after(&self, ev: &Event<'_>) {
+        if let Event::ShutdownRequested = ev {
             self.run_shutdown_handler();
         }
-        ev
     }
 
     #[cold]
