@@ -398,8 +398,31 @@ impl<T> Slab<T> {
         }
     }
 
+    /// Stores `v` and returns its handle. The slot is found first and `v` written last,
+    /// in one assignment: a held message then goes from registers straight into its
+    /// slot (copying it through a temporary stalled on store forwarding).
+    #[inline(always)]
     fn insert(&mut self, v: T) -> u64 {
-        let gen = match &mut self.local {
+        let gen = self.next_gen();
+        let i = match self.free.pop() {
+            Some(i) => i as usize,
+            None => self.grow(),
+        };
+        let slot = &mut self.slots[i];
+        debug_assert!(slot.1.is_none(), "a free slot holds nothing");
+        slot.0 = gen;
+        // SAFETY: `slot.1` is a valid, exclusively borrowed `Option<T>` holding `None`
+        // (free slots and new ones hold nothing), so overwriting it without dropping the
+        // old value leaks nothing. An assignment would run the (no-op) drop glue, whose
+        // calls made the compiler keep `v` in a stack temporary.
+        unsafe { std::ptr::write(&mut slot.1, Some(v)) };
+        (u64::from(gen) << 32) | i as u64
+    }
+
+    /// A fresh generation for an insert.
+    #[inline(always)]
+    fn next_gen(&mut self) -> u32 {
+        match &mut self.local {
             None => next_generation(),
             Some((next, left)) => {
                 if *left == 0 {
@@ -410,28 +433,21 @@ impl<T> Slab<T> {
                 *next += 1;
                 *next - 1
             }
-        };
-        let i = match self.free.pop() {
-            Some(i) => {
-                let slot = &mut self.slots[i as usize];
-                debug_assert!(slot.1.is_none(), "a free slot holds nothing");
-                slot.0 = gen;
-                // A free slot holds `None`: nothing to drop.
-                std::mem::forget(slot.1.replace(v));
-                i
-            }
-            None => {
-                self.slots.push((gen, Some(v)));
-                (self.slots.len() - 1) as u32
-            }
-        };
-        (u64::from(gen) << 32) | u64::from(i)
+        }
+    }
+
+    /// A new empty slot at the end; its index.
+    #[cold]
+    fn grow(&mut self) -> usize {
+        self.slots.push((0, None));
+        self.slots.len() - 1
     }
 
     fn split(h: u64) -> (u32, usize) {
         ((h >> 32) as u32, (h & 0xffff_ffff) as usize)
     }
 
+    #[inline(always)]
     fn get(&self, h: u64) -> Option<&T> {
         let (gen, i) = Self::split(h);
         match self.slots.get(i) {
@@ -440,6 +456,7 @@ impl<T> Slab<T> {
         }
     }
 
+    #[inline(always)]
     fn get_mut(&mut self, h: u64) -> Option<&mut T> {
         let (gen, i) = Self::split(h);
         match self.slots.get_mut(i) {
@@ -448,6 +465,7 @@ impl<T> Slab<T> {
         }
     }
 
+    #[inline(always)]
     fn remove(&mut self, h: u64) -> Option<T> {
         let (gen, i) = Self::split(h);
         match self.slots.get_mut(i) {
@@ -939,7 +957,7 @@ fn hold(e: &Entered, ev: Event<'_>, out: &mut ic_message) -> R {
 }
 
 /// `hold` for the common case, a copy message: no event fields, nothing extra to keep.
-#[inline]
+#[inline(always)]
 fn hold_copy(e: &Entered, m: Message<'_>, out: &mut ic_message) -> R {
     let mut flags = 0;
     if m.is_request() {
@@ -1574,31 +1592,62 @@ pub unsafe extern "C" fn ic_recv(
         non_null(out, "out")?;
         let e = enter(inbox)?;
         let (p, ctx) = (e.inbox(), e.context());
-        // SAFETY: the inbox is entered: it and its context stay valid for this whole call.
-        let ev = unsafe {
-            match (ctx, timeout_us) {
-                (Some(c), t) if t < 0 => (*c).recv(),
-                (Some(c), 0) => (*c).try_recv(),
-                (Some(c), t) => (*c).recv_timeout(Duration::from_micros(t as u64)),
-                (None, t) if t < 0 => (*p).recv(),
-                (None, 0) => (*p).try_recv(),
-                (None, t) => (*p).recv_timeout(Duration::from_micros(t as u64)),
-            }
-        };
-        match ev {
-            Some(ev) => {
-                // SAFETY: `out` is non-NULL (checked) and writable per the contract.
-                let out = unsafe { &mut *out };
-                match ev {
-                    Event::Message(m) if !m.is_transfer() => hold_copy(&e, m, out),
-                    ev => hold(&e, ev, out),
-                }
-            }
-            // SAFETY: the inbox is entered: it stays open for this whole call.
-            None if unsafe { &*p }.is_finished() => err(IC_ERR_STOPPED, "the inbox has stopped"),
-            None => err(IC_ERR_TIMEOUT, "nothing arrived"),
+        // SAFETY: `out` is non-NULL (checked) and writable per the contract.
+        let out = unsafe { &mut *out };
+        match (ctx, timeout_us) {
+            // An isolate's blocking receive, inlined here on its own: merged with the other
+            // ways of receiving, every message went through a stack temporary whose copy
+            // into the held table stalled on store forwarding.
+            // SAFETY: the inbox is entered: it and its context stay valid for this call.
+            (Some(c), t) if t < 0 => unsafe { deliver(&e, p, (*c).recv(), out) },
+            // SAFETY: as above.
+            _ => unsafe { recv_other(&e, p, ctx, timeout_us, out) },
         }
     })
+}
+
+/// `ic_recv` other than an isolate's blocking receive: with a timeout, without waiting,
+/// or on a mailbox.
+///
+/// # Safety
+/// `p` (and `ctx`, if any) are those of the inbox `e` entered.
+#[inline(never)]
+unsafe fn recv_other(
+    e: &Entered,
+    p: *const Inbox,
+    ctx: Option<*const Context>,
+    timeout_us: i64,
+    out: &mut ic_message,
+) -> R {
+    let timeout = Duration::from_micros(timeout_us.unsigned_abs());
+    // SAFETY: the inbox is entered: it and its context stay valid for this whole call.
+    let ev = unsafe {
+        match (ctx, timeout_us) {
+            (Some(c), t) if t < 0 => (*c).recv(),
+            (Some(c), 0) => (*c).try_recv(),
+            (Some(c), _) => (*c).recv_timeout(timeout),
+            (None, t) if t < 0 => (*p).recv(),
+            (None, 0) => (*p).try_recv(),
+            (None, _) => (*p).recv_timeout(timeout),
+        }
+    };
+    // SAFETY: the caller's contract.
+    unsafe { deliver(e, p, ev, out) }
+}
+
+/// What `ic_recv` got: a message or event held for the caller, or why nothing came.
+///
+/// # Safety
+/// `p` is the inbox `e` entered.
+#[inline(always)]
+unsafe fn deliver(e: &Entered, p: *const Inbox, ev: Option<Event<'_>>, out: &mut ic_message) -> R {
+    match ev {
+        Some(Event::Message(m)) if !m.is_transfer() => hold_copy(e, m, out),
+        Some(ev) => hold(e, ev, out),
+        // SAFETY: the inbox is entered (the caller's contract): it stays open for this call.
+        None if unsafe { &*p }.is_finished() => err(IC_ERR_STOPPED, "the inbox has stopped"),
+        None => err(IC_ERR_TIMEOUT, "nothing arrived"),
+    }
 }
 
 /// Releases a message or event received on `inbox`: its ring space is freed, and a
