@@ -902,7 +902,7 @@ impl LocalEndpoint {
     /// keeps its place in the link's FIFO order: a cycle of handlers replying to each
     /// other can therefore never deadlock. Spilled frames are written by later sends and
     /// by the receive loop; they count in `Stats::spilled`.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn send(
         &self,
         target: Target<'_>,
@@ -937,7 +937,7 @@ impl LocalEndpoint {
     }
 
     /// `send`, with `outbound` borrowed throughout.
-    #[inline]
+    #[inline(always)]
     fn send_borrowed(
         &self,
         target: Target<'_>,
