@@ -95,6 +95,8 @@ pub(crate) struct IsolateInfo {
     pub kind: EndpointKind,
     pub placement: Mutex<Placement>,
     pub endpoint: Arc<EndpointShared>,
+    /// `endpoint.id`, kept here too: a send reads it without following the pointer.
+    pub id: u32,
     pub cluster: Weak<ClusterInner>,
     pub cluster_id: u64,
     pub remote: Option<RemoteRoute>,
@@ -161,6 +163,7 @@ impl IsolateRef {
             props,
             kind,
             placement: Mutex::new(placement),
+            id: endpoint.id,
             endpoint,
             cluster: Arc::downgrade(cluster),
             cluster_id: cluster.id,
@@ -179,8 +182,9 @@ impl IsolateRef {
 
     /// The endpoint id: unique within this node's cluster, never reused (an endpoint of
     /// another node gets a local id too; [`remote_id`](Self::remote_id) is its own).
+    #[inline]
     pub fn id(&self) -> u32 {
-        self.0.endpoint.id
+        self.0.id
     }
 
     /// The isolate's properties.
