@@ -496,13 +496,24 @@ impl Inbound {
         }
         l.held = true;
         self.held += 1;
-        // As `poll_links` counts a frame taken from the link at the cursor.
-        self.burst += 1;
+        self.took_from(i);
+        Some((i, frame))
+    }
+
+    /// Counts a message taken from link `i` against the burst of the link at the cursor:
+    /// after `BURST` messages in a row from one link, reading moves on to the next.
+    #[inline(always)]
+    fn took_from(&mut self, i: usize) {
+        if i == self.cursor {
+            self.burst += 1;
+        } else {
+            self.cursor = i;
+            self.burst = 1;
+        }
         if self.burst >= BURST {
             self.cursor = i + 1;
             self.burst = 0;
         }
-        Some((i, frame))
     }
 
     #[inline]
@@ -514,16 +525,7 @@ impl Inbound {
                 i = 0;
             }
             if let Some(p) = self.take_from(i, counters) {
-                if i == self.cursor {
-                    self.burst += 1;
-                } else {
-                    self.cursor = i;
-                    self.burst = 1;
-                }
-                if self.burst >= BURST {
-                    self.cursor = i + 1;
-                    self.burst = 0;
-                }
+                self.took_from(i);
                 return Some(p);
             }
             i += 1;

@@ -567,6 +567,20 @@ pub(crate) struct RingFrame {
     pub cells: usize,
 }
 
+/// The frame starting at `first` if it is a data frame (copy or transfer) of one cell.
+#[inline(always)]
+fn plain_frame(first: &Cell) -> Option<RingFrame> {
+    let b = &first.0;
+    let len = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    let kind = b[4];
+    (len as usize <= CELL_BYTES - HEADER_BYTES
+        && (kind == FrameKind::Copy as u8 || kind == FrameKind::Transfer as u8))
+        .then(|| RingFrame {
+            frame: std::ptr::from_ref(first),
+            cells: 1,
+        })
+}
+
 /// The receiving half of a link.
 pub(crate) struct InLink {
     consumer: Consumer<Cell>,
@@ -623,17 +637,8 @@ impl InLink {
     #[inline(always)]
     pub(crate) fn peek(&mut self) -> Option<RingFrame> {
         let first = self.consumer.peek().ok()?;
-        // The common case: a data frame of one cell.
-        let b = &first.0;
-        let len = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-        let kind = b[4];
-        if len as usize <= CELL_BYTES - HEADER_BYTES
-            && (kind == FrameKind::Copy as u8 || kind == FrameKind::Transfer as u8)
-        {
-            return Some(RingFrame {
-                frame: std::ptr::from_ref(first),
-                cells: 1,
-            });
+        if let Some(f) = plain_frame(first) {
+            return Some(f);
         }
         self.peek_slow()
     }
@@ -643,16 +648,7 @@ impl InLink {
     /// [`peek`](Self::peek)).
     #[inline(always)]
     pub(crate) fn peek_plain(&self) -> Option<RingFrame> {
-        let first = self.consumer.peek().ok()?;
-        let b = &first.0;
-        let len = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-        let kind = b[4];
-        (len as usize <= CELL_BYTES - HEADER_BYTES
-            && (kind == FrameKind::Copy as u8 || kind == FrameKind::Transfer as u8))
-            .then(|| RingFrame {
-                frame: std::ptr::from_ref(first),
-                cells: 1,
-            })
+        plain_frame(self.consumer.peek().ok()?)
     }
 
     /// `peek` for skip frames and frames of several cells.

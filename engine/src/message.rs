@@ -97,6 +97,8 @@ const BODY_BATCH: u64 = 2;
 const BODY_PACKED: u64 = 3;
 /// The transferred value was taken.
 const TAKEN: u64 = 1 << 63;
+/// The ring link, in bits 32..60 (read it with `>> 32`).
+const LINK_MASK: u64 = (1 << 28) - 1;
 
 /// A received message, read in place from the ring (no copy, no deserialisation).
 ///
@@ -216,7 +218,7 @@ impl<'a> Message<'a> {
     /// The ring link a message read in place came from.
     #[inline(always)]
     fn link(&self) -> usize {
-        ((self.bits >> 32) & ((1 << 28) - 1)) as usize
+        ((self.bits >> 32) & LINK_MASK) as usize
     }
 
     fn frame_cells(&self) -> usize {
@@ -508,8 +510,9 @@ impl<'a> Message<'a> {
     fn drop_parts(ep: &'a LocalEndpoint, frame: NonNull<Cell>, bits: u64) {
         // SAFETY: the frame's first cell stays in place, initialised, until released here.
         let kind = unsafe { frame.as_ref().0[4] };
-        if bits & !(((1 << 28) - 1) << 32) == 1 && kind != FrameKind::Transfer as u8 {
-            // The common case: in place in a ring (`BODY_RING`), one cell, nothing moved.
+        if bits & !(LINK_MASK << 32) == 1 && kind != FrameKind::Transfer as u8 {
+            // The common case: in place in a ring (`BODY_RING`, `TAKEN` clear), one cell,
+            // not a transfer; every bit above the cell count is then the link's.
             ep.inbound.borrow_mut().release((bits >> 32) as usize, 1);
             return;
         }

@@ -274,3 +274,55 @@ fn dropping_a_spilled_transfer_may_send_messages() {
         cluster.join(Duration::from_secs(10)).unwrap();
     });
 }
+
+/// Two senders fill their rings to one receiver before it reads anything. Read one at a
+/// time, the receiver takes at most a burst (32 messages) from one ring while the other
+/// has messages waiting, then moves on: a flooding sender never starves another. Every
+/// message arrives once, in per-sender order.
+#[test]
+fn a_flooding_sender_does_not_starve_another() {
+    const N: u64 = 300;
+    const BURST: usize = 32;
+    with_timeout(Duration::from_secs(60), || {
+        let cluster = Cluster::single_node();
+        let mailbox = cluster.mailbox().unwrap();
+        let mut senders = Vec::new();
+        for (k, path) in ["/s0", "/s1"].into_iter().enumerate() {
+            let to = mailbox.me().clone();
+            let r = cluster
+                .spawn(path, Properties::new(), move |ctx: &Context| {
+                    for i in 0..N {
+                        ctx.send(&to, &(k as u64 * 1_000_000 + i)).unwrap();
+                    }
+                })
+                .unwrap();
+            senders.push(r);
+        }
+        for r in &senders {
+            assert!(
+                r.wait_down(Duration::from_secs(30)).is_some(),
+                "sender stops"
+            );
+        }
+        let mut next = [0u64; 2];
+        let (mut run_of, mut run) = (usize::MAX, 0usize);
+        for _ in 0..2 * N {
+            let v = expect_message(&mailbox, Duration::from_secs(10), |m| {
+                u64::from(*m.get::<u64>().unwrap())
+            });
+            let k = (v / 1_000_000) as usize;
+            assert_eq!(v % 1_000_000, next[k], "sender {k} in order");
+            next[k] += 1;
+            run = if k == run_of { run + 1 } else { 1 };
+            run_of = k;
+            if next[1 - k] < N {
+                assert!(
+                    run <= BURST,
+                    "{run} in a row from sender {k} while the other waits"
+                );
+            }
+        }
+        assert_eq!(next, [N, N], "every message once");
+        assert!(mailbox.try_recv().is_none());
+    });
+}

@@ -399,8 +399,8 @@ impl<T> Slab<T> {
     }
 
     /// Stores `v` and returns its handle. The slot is found first and `v` written last,
-    /// in one assignment: a held message then goes from registers straight into its
-    /// slot (copying it through a temporary stalled on store forwarding).
+    /// with nothing called in between: a held message then goes from registers straight
+    /// into its slot (copying it through a temporary stalled on store forwarding).
     #[inline(always)]
     fn insert(&mut self, v: T) -> u64 {
         let gen = self.next_gen();
