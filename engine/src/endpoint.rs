@@ -32,7 +32,8 @@ use crate::frame::{
 };
 use crate::isolate::{DownReason, IsolateRef};
 use crate::link::{
-    new_ring, FrameSource, InLink, LinkShared, OutLink, OwnedFrame, RingFrame, WriteOutcome,
+    new_ring, plain_frame, FrameSource, InLink, LinkShared, OutLink, OwnedFrame, RingFrame,
+    WriteOutcome,
 };
 use crate::wake::{ControlQueue, WakeState};
 use crate::Payload;
@@ -477,27 +478,57 @@ impl Inbound {
     /// The common case of [`poll`](Self::poll), for receivers that read one message at a
     /// time: no event waits, and the link at the cursor holds a one-cell copy or
     /// transfer frame that is not a reply. Takes it exactly as `poll` would (the link is
-    /// held, the burst counted). `None` changes nothing: the caller then polls in full.
+    /// held, the burst counted). Otherwise changes nothing, and tells whether there is
+    /// anything at all for the full poll to do.
     #[inline(always)]
-    fn poll_plain(&mut self) -> Option<(usize, RingFrame)> {
+    fn poll_fast(&mut self) -> Fast {
         if !self.events.is_empty() {
-            return None;
+            return Fast::Busy;
         }
         let i = self.cursor;
-        let l = self.links.get_mut(i)?;
+        let Some(l) = self.links.get_mut(i) else {
+            // No link at all, or the cursor past the end (the full poll wraps it).
+            return if self.links.is_empty() && !self.shutdown_requested {
+                Fast::Idle
+            } else {
+                Fast::Busy
+            };
+        };
         if l.held || !l.overflow.is_empty() {
-            return None;
+            return Fast::Busy;
         }
-        let frame = l.peek_plain()?;
-        // SAFETY: `peek_plain` returned a frame in place, initialised and not yet
-        // committed.
-        if unsafe { (*frame.frame).0[5] } & FLAG_REPLY != 0 {
-            return None;
+        let Some(first) = l.peek_first() else {
+            return if self.rest_idle(i) {
+                Fast::Idle
+            } else {
+                Fast::Busy
+            };
+        };
+        let Some(frame) = plain_frame(first) else {
+            return Fast::Busy;
+        };
+        if first.0[5] & FLAG_REPLY != 0 {
+            return Fast::Busy;
         }
         l.held = true;
         self.held += 1;
         self.took_from(i);
-        Some((i, frame))
+        Fast::Plain(i, frame)
+    }
+
+    /// With the ring of link `i` empty: whether nothing else waits to be read either
+    /// (the shutdown request, or a frame on another link that is not held).
+    #[inline(always)]
+    fn rest_idle(&self, i: usize) -> bool {
+        !self.shutdown_requested && (self.links.len() == 1 || self.others_idle(i))
+    }
+
+    #[inline(never)]
+    fn others_idle(&self, i: usize) -> bool {
+        self.links
+            .iter()
+            .enumerate()
+            .all(|(j, l)| j == i || l.held || !l.has_data())
     }
 
     /// Counts a message taken from link `i` against the burst of the link at the cursor:
@@ -572,6 +603,17 @@ impl Inbound {
     fn drain_to_overflow(&mut self, shared: &EndpointShared) {
         self.move_out_of_rings(shared, None);
     }
+}
+
+/// What a spinning receiver's fast poll found (see `Inbound::poll_fast`).
+pub(crate) enum Fast {
+    /// A one-cell copy or transfer frame in place, taken, as (link, frame).
+    Plain(usize, RingFrame),
+    /// Nothing to read: every ring that is not held is empty, and no event, control item,
+    /// spilled frame or shutdown request waits.
+    Idle,
+    /// Anything else: the full poll has to look.
+    Busy,
 }
 
 /// A link claimed for a batch read: its index, its waiting cells in place (up to two runs
@@ -1325,19 +1367,25 @@ impl LocalEndpoint {
     }
 
     /// The common case of [`poll`](Self::poll): a one-cell copy or transfer frame in place
-    /// (see `Inbound::poll_plain`), as (link, frame). `None` changes nothing: call `poll`.
-    /// Returning two words instead of a `Polled` lets the receive path build its message
-    /// in registers.
+    /// (see `Inbound::poll_fast`), or whether a full poll has anything to do. Returning
+    /// two words instead of a `Polled` lets the receive path build its message in
+    /// registers.
     #[inline(always)]
-    pub(crate) fn poll_plain(&self) -> Option<(usize, RingFrame)> {
+    pub(crate) fn poll_fast(&self) -> Fast {
         if self.spilled_links.get() != 0 || self.shared.control_pending() {
-            return None;
+            return Fast::Busy;
         }
-        let p = self.inbound.borrow_mut().poll_plain();
-        if p.is_some() {
+        let p = self.inbound.borrow_mut().poll_fast();
+        if let Fast::Plain(..) = p {
             bump(&self.shared.counters.received);
         }
         p
+    }
+
+    /// Whether the wait strategy spins between polls.
+    #[inline(always)]
+    pub(crate) fn spins(&self) -> bool {
+        self.spins
     }
 
     /// One poll of the inbox, no waiting.

@@ -569,7 +569,7 @@ pub(crate) struct RingFrame {
 
 /// The frame starting at `first` if it is a data frame (copy or transfer) of one cell.
 #[inline(always)]
-fn plain_frame(first: &Cell) -> Option<RingFrame> {
+pub(crate) fn plain_frame(first: &Cell) -> Option<RingFrame> {
     let b = &first.0;
     let len = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
     let kind = b[4];
@@ -643,12 +643,11 @@ impl InLink {
         self.peek_slow()
     }
 
-    /// The next frame in the ring if it is a data frame of one cell (the common case),
-    /// in place, without consuming anything; `None` for anything else (see
-    /// [`peek`](Self::peek)).
+    /// The first cell waiting in the ring, in place, without consuming it (`None`: the
+    /// ring is empty).
     #[inline(always)]
-    pub(crate) fn peek_plain(&self) -> Option<RingFrame> {
-        plain_frame(self.consumer.peek().ok()?)
+    pub(crate) fn peek_first(&self) -> Option<&Cell> {
+        self.consumer.peek().ok()
     }
 
     /// `peek` for skip frames and frames of several cells.
