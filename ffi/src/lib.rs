@@ -578,6 +578,13 @@ struct InboxState {
 
 /// One entry of the inbox table. `gen` and `owner` may be read by any thread; `state` is
 /// touched only by the owner thread, and only while it holds `busy` (see [`Entered`]).
+///
+/// Aligned to a pair of cache lines (the unit the adjacent-line prefetcher moves). At its
+/// natural size (96 bytes) neighbouring slots shared a line, and every call writes `busy`
+/// and the held table's header: two inboxes opened one after the other (a ping and its
+/// pong) had each thread's calls invalidate the other's slot. (The C call bench did not
+/// measure a difference: 220 ns p50 either way.)
+#[repr(align(128))]
 struct InboxSlot {
     /// The generation of the open inbox, 0 when free.
     gen: AtomicU32,
