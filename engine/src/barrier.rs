@@ -19,7 +19,11 @@ use std::sync::Once;
 
 use crate::sync;
 
-static ASYMMETRIC: AtomicBool = AtomicBool::new(false);
+/// Read on every send and every release: on a cache line of its own, so no static the
+/// linker puts next to it (the program's own, when it links this library) can make that
+/// read miss.
+static ASYMMETRIC: crossbeam_utils::CachePadded<AtomicBool> =
+    crossbeam_utils::CachePadded::new(AtomicBool::new(false));
 static INIT: Once = Once::new();
 
 #[cfg(all(target_os = "linux", not(loom)))]
