@@ -1367,9 +1367,9 @@ impl LocalEndpoint {
     }
 
     /// The common case of [`poll`](Self::poll): a one-cell copy or transfer frame in place
-    /// (see `Inbound::poll_fast`), or whether a full poll has anything to do. Returning
-    /// two words instead of a `Polled` lets the receive path build its message in
-    /// registers.
+    /// (see `Inbound::poll_fast`), or whether a full poll has anything to do. Inlined into
+    /// the receive loop, it hands over the link and the frame without building a
+    /// `Polled`, so the message is built in registers.
     #[inline(always)]
     pub(crate) fn poll_fast(&self) -> Fast {
         if self.spilled_links.get() != 0 || self.shared.control_pending() {
