@@ -1467,6 +1467,12 @@ impl LocalEndpoint {
             std::thread::yield_now();
             return true;
         }
+        if deadline.is_none() && self.strategy == WaitStrategy::BusySpin {
+            // Nothing to time: a busy-spinning wait without a deadline never reads the
+            // clock (a read costs as much as a turn of the loop).
+            std::hint::spin_loop();
+            return true;
+        }
         let now = Instant::now();
         if deadline.is_some_and(|d| now >= d) {
             return false;
