@@ -23,9 +23,10 @@ type Filter = Box<dyn Fn(&IsolateRef) -> bool>;
 
 /// A spinning receive loop with nothing to read runs one full turn (every kind of frame,
 /// events, stopping) per this many turns; the others only look at the rings through the
-/// fast poll, then wait as usual (pause, and now and then read the clock). The shorter turn sees a message sooner: the
-/// copy round trip, timed with the TSC in one process, went from 342–347 to 275–289 ticks
-/// (mean of the fastest 90%) against a full turn every time.
+/// fast poll, then wait as usual (a pause, and now and then a look at the clock). The
+/// shorter turn sees a message sooner: the copy round trip, timed with the TSC in one
+/// process, went from 342–347 to 275–289 ticks (mean of the fastest 90%) against a full
+/// turn every time.
 const FULL_TURN_EVERY: u32 = 8;
 
 /// The id of a request sent with [`Inbox::request`].
