@@ -364,6 +364,39 @@ fn every_wait_strategy_delivers() {
     });
 }
 
+/// A busy-spinning receiver with nothing to read spins on its fast poll and runs the full
+/// turn only now and then: its deadline must still hold (no early `None`), and a message on
+/// a link other than the one it last read must still arrive.
+#[test]
+fn a_busy_spinning_receiver_keeps_its_deadline_and_reads_every_link() {
+    with_timeout(Duration::from_secs(60), || {
+        let cluster = Cluster::builder()
+            .wait_strategy(WaitStrategy::BusySpin)
+            .build();
+        let mailbox = cluster.mailbox().unwrap();
+        let me = mailbox.me().clone();
+
+        let wait = Duration::from_millis(30);
+        let t = std::time::Instant::now();
+        assert!(mailbox.recv_timeout(wait).is_none(), "nothing was sent");
+        assert!(t.elapsed() >= wait, "returned after {:?}", t.elapsed());
+        assert!(!mailbox.is_finished(), "a timeout, not a stop");
+
+        // Two senders, each on its own link: the second message comes on a link that is
+        // not the one the receiver read last.
+        for v in [1u64, 2] {
+            std::thread::scope(|s| {
+                s.spawn(|| cluster.mailbox().unwrap().send(&me, &v).unwrap());
+            });
+            match mailbox.recv_timeout(T) {
+                Some(Event::Message(m)) => assert_eq!(*m.get::<u64>().unwrap(), v),
+                other => panic!("expected message {v}, got {other:?}"),
+            }
+        }
+        assert!(mailbox.recv_timeout(Duration::from_millis(5)).is_none());
+    });
+}
+
 #[test]
 fn dropping_the_cluster_never_hangs_on_an_isolate_that_ignores_shutdown() {
     with_timeout(Duration::from_secs(30), || {
