@@ -172,7 +172,10 @@ fn main() {
     if let Some(g) = &only {
         plan.retain(|(group, _, _)| group == g);
     }
-    let rounds = if cfg.quick { 1 } else { 4 };
+    // Ten rounds: each starts fresh threads and rings, and one round that lands badly
+    // (the two sides' polling out of step, a burst of load) then weighs a tenth of the
+    // samples. With four rounds such a round moved a p50 by a whole 10 ns clock step.
+    let rounds = if cfg.quick { 1 } else { 10 };
     let round_cfg = Config {
         samples: cfg.samples / rounds,
         ..cfg
