@@ -3,6 +3,8 @@
 //!
 //! `cargo bench --bench latency` (full, under 10 minutes on 2 cores);
 //! `IC_BENCH_QUICK=1 cargo bench --bench latency` (quick, under a minute);
+//! `IC_BENCH_DITHER=0` runs the spinning ping-pongs back to back instead of spacing their
+//! round trips at random (see `isolate_cluster_benches::Dither`);
 //! `IC_BENCH_GROUP=core` runs one group of cases only (core, payload, wake or rate; `task`
 //! runs only the scheduler section; `throughput` only the interleaved 8-byte throughput
 //! section; `net`, with `--features net`, only the cross-process section).
@@ -41,11 +43,23 @@ fn main() {
         return;
     };
     let started = std::time::Instant::now();
-    println!(
-        "isolate-cluster latency: {} mode, {} samples after {} warm-up round trips per case, cores {} and {} (pinned)",
-        if cfg.quick { "quick" } else { "full" },
+    // Ten rounds: each starts fresh threads and rings, and one round that lands badly
+    // (the two sides' polling out of step, a burst of load) then weighs a tenth of the
+    // samples. With four rounds such a round moved a p50 by a whole 10 ns clock step.
+    let rounds = if cfg.quick { 1 } else { 10 };
+    let method = format!(
+        "{} samples per case in {rounds} round(s), each after {} warm-up round trips; {}",
         cfg.samples,
         cfg.warmup,
+        if cfg.dither {
+            "the spinning ping-pongs' round trips spaced at random (see `Dither`)"
+        } else {
+            "round trips back to back (IC_BENCH_DITHER=0)"
+        }
+    );
+    println!(
+        "isolate-cluster latency: {} mode, {method}, cores {} and {} (pinned)",
+        if cfg.quick { "quick" } else { "full" },
         cores[0].id,
         cores[1].id
     );
@@ -172,10 +186,6 @@ fn main() {
     if let Some(g) = &only {
         plan.retain(|(group, _, _)| group == g);
     }
-    // Ten rounds: each starts fresh threads and rings, and one round that lands badly
-    // (the two sides' polling out of step, a burst of load) then weighs a tenth of the
-    // samples. With four rounds such a round moved a p50 by a whole 10 ns clock step.
-    let rounds = if cfg.quick { 1 } else { 10 };
     let round_cfg = Config {
         samples: cfg.samples / rounds,
         ..cfg
@@ -234,14 +244,12 @@ fn main() {
     let _ = writeln!(md, "# isolate-cluster latency report\n");
     let _ = writeln!(
         md,
-        "Machine: {}, {} cores online; ping-pong pinned to cores {} and {}. Mode: {}, {} samples after {} warm-up round trips per case. Every figure is a round trip; ratios compare cases of this same run.\n",
+        "Machine: {}, {} cores online; ping-pong pinned to cores {} and {}. Mode: {}, {method}. Every figure is a round trip; ratios compare cases of this same run.\n",
         cpu_model(),
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         cores[0].id,
         cores[1].id,
         if cfg.quick { "quick" } else { "full" },
-        cfg.samples,
-        cfg.warmup
     );
     for (group, title) in groups {
         let members: Vec<&Case> = all.iter().filter(|c| c.group == group).collect();

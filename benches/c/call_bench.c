@@ -4,7 +4,10 @@
  * `warmup + samples` times, timing each call, and the samples are printed one per line
  * (nanoseconds) for the Rust harness to record.
  *
- * Usage: call_bench <core A> <core B> <warmup> <samples>
+ * Usage: call_bench <core A> <core B> <warmup> <samples> <dither: 0 or 1>
+ *
+ * With dither, each call waits first a pseudo-random 0 to 255 turns of a short loop, as
+ * the Rust cases do (see `Dither` in benches/src/lib.rs).
  */
 #include <pthread.h>
 #include <stdint.h>
@@ -17,6 +20,7 @@
 typedef struct {
     ic_cluster cluster;
     size_t warmup, samples;
+    int dither;
     uint64_t *out;
     int done;
     pthread_mutex_t lock;
@@ -44,7 +48,15 @@ static void ping(ic_inbox inbox, void *user) {
     run_t *run = user;
     ic_isolate target;
     ic_error e = ic_lookup(run->cluster, "/pong", &target);
+    uint64_t x = 0x9e3779b97f4a7c15u; /* the Rust cases' dither (benches/src/lib.rs) */
     for (size_t i = 0; e == IC_OK && i < run->warmup + run->samples; i++) {
+        if (run->dither) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            for (volatile uint64_t k = 0; k < (x >> 56); k++) {
+            }
+        }
         uint64_t v = i;
         ic_message r;
         uint64_t t = now_ns();
@@ -64,8 +76,8 @@ static void ping(ic_inbox inbox, void *user) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 5) {
-        fprintf(stderr, "usage: call_bench <core A> <core B> <warmup> <samples>\n");
+    if (argc != 6) {
+        fprintf(stderr, "usage: call_bench <core A> <core B> <warmup> <samples> <dither>\n");
         return 2;
     }
     size_t cores[2] = {strtoull(argv[1], NULL, 10), strtoull(argv[2], NULL, 10)};
@@ -74,6 +86,7 @@ int main(int argc, char **argv) {
     pthread_cond_init(&run.cond, NULL);
     run.warmup = strtoull(argv[3], NULL, 10);
     run.samples = strtoull(argv[4], NULL, 10);
+    run.dither = atoi(argv[5]) != 0;
     run.out = calloc(run.samples ? run.samples : 1, sizeof *run.out);
     ic_config cfg;
     ic_config_init(&cfg);

@@ -11,7 +11,9 @@ use hdrhistogram::Histogram;
 use isolate_cluster::{Cluster, Context, CorePolicy, Event, Payload, Properties, WaitStrategy};
 
 use crate::report::Case;
-use crate::{cpu_time, histogram, pin, record, record_since, rss_bytes, spin_until, Config};
+use crate::{
+    cpu_time, histogram, pin, record, record_since, rss_bytes, spin_until, Config, Dither,
+};
 
 type Cores = [core_affinity::CoreId; 2];
 
@@ -53,7 +55,9 @@ pub fn floor(cfg: Config, cores: Cores) -> Histogram<u64> {
         },
         move || {
             let mut h = histogram();
+            let mut d = Dither::new(cfg.dither);
             for i in 0..n {
+                d.pause();
                 let t = Instant::now();
                 turn.store(2 * i + 1, Ordering::Release);
                 while turn.load(Ordering::Acquire) != 2 * i + 2 {
@@ -91,7 +95,9 @@ pub fn raw_rtrb(cfg: Config, cores: Cores) -> Histogram<u64> {
         move || rtrb_echo(n, from_ping, to_ping),
         move || {
             let mut h = histogram();
+            let mut d = Dither::new(cfg.dither);
             for i in 0..n {
+                d.pause();
                 let t = Instant::now();
                 while to_pong.push(i).is_err() {}
                 loop {
@@ -115,8 +121,7 @@ pub fn raw_rtrb(cfg: Config, cores: Cores) -> Histogram<u64> {
 /// A ping-pong over two blocking channels: `send` and `recv` adapt the channel type.
 fn channel_pair<S, R>(
     cores: Cores,
-    warmup: usize,
-    samples: usize,
+    (warmup, samples, dither): (usize, usize, bool),
     (to_pong, from_ping): (S, R),
     (to_ping, from_pong): (S, R),
     send: fn(&S, u64),
@@ -136,7 +141,9 @@ where
         },
         move || {
             let mut h = histogram();
+            let mut d = Dither::new(dither);
             for i in 0..n {
+                d.pause();
                 let t = Instant::now();
                 send(&to_pong, i);
                 recv(&from_pong);
@@ -153,8 +160,7 @@ where
 pub fn crossbeam(cfg: Config, cores: Cores) -> Histogram<u64> {
     channel_pair(
         cores,
-        cfg.warmup,
-        cfg.samples,
+        (cfg.warmup, cfg.samples, cfg.dither),
         crossbeam_channel::bounded::<u64>(1024),
         crossbeam_channel::bounded::<u64>(1024),
         |tx, v| tx.send(v).expect("peer alive"),
@@ -167,8 +173,7 @@ pub fn crossbeam(cfg: Config, cores: Cores) -> Histogram<u64> {
 pub fn std_mpsc(cfg: Config, cores: Cores) -> Histogram<u64> {
     channel_pair(
         cores,
-        cfg.warmup / 4,
-        cfg.samples / 4,
+        (cfg.warmup / 4, cfg.samples / 4, cfg.dither),
         std::sync::mpsc::sync_channel::<u64>(1024),
         std::sync::mpsc::sync_channel::<u64>(1024),
         |tx, v| tx.send(v).expect("peer alive"),
@@ -270,7 +275,9 @@ where
     let cluster = cluster(cores, WaitStrategy::BusySpin);
     isolate_pair(&cluster, echo_bytes, move |ctx, pong| {
         let mut h = histogram();
+        let mut d = Dither::new(cfg.dither);
         for i in 0..cfg.warmup + cfg.samples {
+            d.pause();
             let t = Instant::now();
             ctx.send(pong, &value).expect("send");
             match ctx.recv() {
@@ -310,7 +317,9 @@ pub fn transfer(cfg: Config, cores: Cores, size: usize) -> Histogram<u64> {
     isolate_pair(&cluster, echo, move |ctx, pong| {
         let mut h = histogram();
         let mut buf = Box::new(vec![1u8; size]);
+        let mut d = Dither::new(cfg.dither);
         for i in 0..cfg.warmup + cfg.samples {
+            d.pause();
             let t = Instant::now();
             ctx.transfer(pong, buf).expect("transfer");
             buf = match ctx.recv() {
@@ -697,7 +706,9 @@ pub fn iceoryx2(cfg: Config, cores: Cores) -> Histogram<u64> {
             let sub = pong.subscriber_builder().create().expect("subscriber");
             ready.wait();
             let mut h = histogram();
+            let mut d = Dither::new(cfg.dither);
             for i in 0..n {
+                d.pause();
                 let t = Instant::now();
                 publ.loan_uninit()
                     .expect("loan")
@@ -773,8 +784,10 @@ pub fn ractor_call(cfg: Config, cores: Cores) -> Histogram<u64> {
         s.spawn(|| {
             pin(c1);
             let mut h = histogram();
+            let mut d = Dither::new(cfg.dither);
             rt.block_on(async {
                 for i in 0..(warmup + samples) as u64 {
+                    d.pause();
                     let t = Instant::now();
                     let v = ractor::call!(actor, EchoMsg::Ping, i).expect("rpc");
                     debug_assert_eq!(v, i);
@@ -799,7 +812,9 @@ pub fn call(cfg: Config, cores: Cores) -> Histogram<u64> {
     let cluster = cluster(cores, WaitStrategy::BusySpin);
     isolate_pair(&cluster, echo_bytes, move |ctx, pong| {
         let mut h = histogram();
+        let mut d = Dither::new(cfg.dither);
         for i in 0..cfg.warmup + cfg.samples {
+            d.pause();
             let t = Instant::now();
             let reply = ctx
                 .call(pong, &(i as u64), Duration::from_secs(10))
@@ -987,6 +1002,7 @@ pub fn c_call(cfg: Config, cores: Cores) -> Histogram<u64> {
         .arg(cores[1].id.to_string())
         .arg(cfg.warmup.to_string())
         .arg(cfg.samples.to_string())
+        .arg(u8::from(cfg.dither).to_string())
         .output()
         .expect("run the C harness");
     assert!(
