@@ -52,11 +52,11 @@ fn payload(seq: u32, len: usize) -> Vec<u8> {
 /// as too large only when it could never fit.
 pub fn frames(data: &[u8]) {
     let mut input = Input(data);
-    // Mostly tiny rings; sometimes one large enough for the write window (`link::WINDOW`),
-    // so a writer whose reader keeps up goes back to the start early.
+    // Mostly tiny rings, where the writer wraps often; sometimes a larger one, which a
+    // stream of large frames fills.
     let b = input.byte();
     let cap = if b & 0x80 != 0 {
-        4 * crate::link::WINDOW + usize::from(b % 64)
+        128 + usize::from(b % 64)
     } else {
         2 + usize::from(b % 15)
     };
