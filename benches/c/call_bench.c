@@ -54,8 +54,8 @@ static void ping(ic_inbox inbox, void *user) {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            for (volatile uint64_t k = 0; k < (x >> 56); k++) {
-            }
+            for (uint64_t k = 0; k < (x >> 56); k++)
+                __asm__ volatile("" : "+r"(k)); /* one add per turn, as in Rust */
         }
         uint64_t v = i;
         ic_message r;

@@ -166,10 +166,11 @@ unsafe impl std::alloc::GlobalAlloc for CountingAlloc {
 /// Back to back, the two spinning sides of a ping-pong fall into a fixed phase of each
 /// other's polling loops (a pause instruction takes about 25 ns on these CPUs), and a p50
 /// then says more about where that phase landed than about the code: the same build read
-/// 1.00× and 1.45× of raw `rtrb` within one hour. Spacing the round trips at random (0 to
-/// 255 turns of a dependent add, 0 to about 300 ns) makes each round trip meet the other
-/// side at a random point of its loop, so the percentiles average over the phases, for
-/// every peer alike. The sequence is the same in every case and every run.
+/// 1.00× and 1.27× of raw `rtrb` within one hour. Spacing the round trips at random (0 to
+/// 255 turns of a dependent add: up to about 70 ns here, more than two pauses) makes each
+/// round trip meet the other side at a random point of its loop, so the percentiles
+/// average over the phases, for every peer alike. The sequence is the same in every case
+/// and every run (the C harness, `benches/c/call_bench.c`, runs the same one).
 pub struct Dither {
     on: bool,
     state: u64,
