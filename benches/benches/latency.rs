@@ -48,8 +48,9 @@ fn main() {
     // samples. With four rounds such a round moved a p50 by a whole 10 ns clock step.
     let rounds = if cfg.quick { 1 } else { 10 };
     let method = format!(
-        "{} samples per case in {rounds} round(s), each after {} warm-up round trips; {}",
+        "{} samples per latency case in {rounds} round(s) of {}, each round after {} warm-up round trips; {}",
         cfg.samples,
+        cfg.samples / rounds,
         cfg.warmup,
         if cfg.dither {
             "the spinning ping-pongs' round trips spaced at random (see `Dither`)"
@@ -176,8 +177,8 @@ fn main() {
     );
     run(
         "rate",
-        "isolate-cluster at 2k/s (parks)",
-        Box::new(move |cfg: Config| cases::fixed_rate(cfg, cores, 2_000)),
+        "isolate-cluster at 10k/s (parks)",
+        Box::new(move |cfg: Config| cases::fixed_rate(cfg, cores, 10_000)),
     );
 
     // `IC_BENCH_GROUP=core` (or payload, wake, rate) runs one group only, without the
@@ -204,6 +205,15 @@ fn main() {
         }
     }
     for c in &all {
+        // The header promises this many samples of every case.
+        assert_eq!(
+            c.hist.len(),
+            (round_cfg.samples * rounds) as u64,
+            "samples recorded for {}",
+            c.name
+        );
+    }
+    for c in &all {
         println!(
             "  {:<48} p50 {:>9}  p99.9 {:>9}  max {:>9}",
             c.name,
@@ -217,11 +227,16 @@ fn main() {
         None | Some("throughput") => cases::throughput(cfg, cores),
         Some(_) => String::new(),
     };
-    let scale = match only.as_deref() {
-        None => cases::scale(cfg) + &cases::jobs(cfg) + &cases::tasks(cfg) + &net(cfg),
-        Some("task") => cases::tasks(cfg),
-        Some("net") => net(cfg),
-        Some(_) => String::new(),
+    // The scale section returns its idle-CPU target line as well.
+    let (scale, idle_target) = match only.as_deref() {
+        None => {
+            let (scale, idle) = cases::scale(cfg);
+            let rest = cases::jobs(cfg) + &cases::tasks(cfg) + &net(cfg);
+            (scale + &rest, Some(idle))
+        }
+        Some("task") => (cases::tasks(cfg), None),
+        Some("net") => (net(cfg), None),
+        Some(_) => (String::new(), None),
     };
 
     let dir = report::new_dir().expect("report folder");
@@ -264,6 +279,10 @@ fn main() {
     // The throughput section ends with its target line.
     if let Some(line) = throughput.lines().last().filter(|l| l.starts_with("- ")) {
         targets.push_str(line);
+        targets.push('\n');
+    }
+    if let Some(line) = idle_target {
+        targets.push_str(&line);
         targets.push('\n');
     }
     let _ = writeln!(md, "\n## Targets\n\n{targets}");
