@@ -96,13 +96,34 @@ pub fn write_hgrm(path: &Path, h: &Histogram<u64>) -> std::io::Result<()> {
     std::fs::write(path, s)
 }
 
-/// Plots the percentile distribution of every case of `group` on one set of axes.
-pub fn plot_group(path: &Path, title: &str, cases: &[&Case]) -> Result<(), String> {
+/// The points of a percentile-distribution curve: (1 / (1 - quantile), µs).
+fn curve(h: &Histogram<u64>) -> Vec<(f64, f64)> {
+    h.iter_quantiles(5)
+        .filter(|v| v.quantile_iterated_to() < 1.0)
+        .map(|v| {
+            (
+                1.0 / (1.0 - v.quantile_iterated_to()),
+                v.value_iterated_to() as f64 / 1000.0,
+            )
+        })
+        .collect()
+}
+
+/// Plots the percentile distribution of every case of `group` on one set of axes, and
+/// the `references` (cases of other groups measured in the same run, such as raw `rtrb`
+/// and the floor) as dashed lines on the same axes.
+pub fn plot_group(
+    path: &Path,
+    title: &str,
+    cases: &[&Case],
+    references: &[&Case],
+) -> Result<(), String> {
     if cases.is_empty() {
         return Ok(());
     }
-    let max_y = cases.iter().map(|c| c.hist.max()).max().unwrap_or(1).max(2) as f64 / 1000.0;
-    let min_y = cases.iter().map(|c| c.hist.min()).min().unwrap_or(1).max(1) as f64 / 1000.0;
+    let every = || cases.iter().chain(references);
+    let max_y = every().map(|c| c.hist.max()).max().unwrap_or(1).max(2) as f64 / 1000.0;
+    let min_y = every().map(|c| c.hist.min()).min().unwrap_or(1).max(1) as f64 / 1000.0;
     let root = SVGBackend::new(path, (1000, 620)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| e.to_string())?;
     let mut chart = ChartBuilder::on(&root)
@@ -131,23 +152,27 @@ pub fn plot_group(path: &Path, title: &str, cases: &[&Case]) -> Result<(), Strin
         .map_err(|e| e.to_string())?;
     for (i, c) in cases.iter().enumerate() {
         let color = Palette99::pick(i).to_rgba();
-        let points: Vec<(f64, f64)> = c
-            .hist
-            .iter_quantiles(5)
-            .filter(|v| v.quantile_iterated_to() < 1.0)
-            .map(|v| {
-                (
-                    1.0 / (1.0 - v.quantile_iterated_to()),
-                    v.value_iterated_to() as f64 / 1000.0,
-                )
-            })
-            .collect();
         chart
-            .draw_series(LineSeries::new(points, color.stroke_width(2)))
+            .draw_series(LineSeries::new(curve(&c.hist), color.stroke_width(2)))
             .map_err(|e| e.to_string())?
             .label(c.name.clone())
             .legend(move |(x, y)| {
                 PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(3))
+            });
+    }
+    for (i, c) in references.iter().enumerate() {
+        let color = Palette99::pick(cases.len() + i).to_rgba();
+        chart
+            .draw_series(DashedLineSeries::new(
+                curve(&c.hist),
+                6,
+                4,
+                color.stroke_width(2),
+            ))
+            .map_err(|e| e.to_string())?
+            .label(format!("{} (reference, dashed)", c.name))
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 7, y)], color.stroke_width(3))
             });
     }
     chart
@@ -204,19 +229,35 @@ pub fn table(cases: &[&Case], base: Option<&Case>, floor: Option<&Case>) -> Stri
     s
 }
 
+/// A group of cases: one plot and one table of the report.
+pub struct Group {
+    /// The [`Case::group`] of its members (and the SVG file's name).
+    pub id: &'static str,
+    /// The title of its plot and section.
+    pub title: &'static str,
+    /// Names of cases of other groups drawn on its plot as references (dashed).
+    pub references: &'static [&'static str],
+}
+
 /// Writes every case's `.hgrm` file and every group's SVG plot into `dir`.
-pub fn write_files(
-    dir: &Path,
-    cases: &[Case],
-    groups: &[(&'static str, &str)],
-) -> Result<(), String> {
+pub fn write_files(dir: &Path, cases: &[Case], groups: &[Group]) -> Result<(), String> {
     for c in cases {
         write_hgrm(&dir.join(format!("{}.hgrm", slug(&c.name))), &c.hist)
             .map_err(|e| e.to_string())?;
     }
-    for (group, title) in groups {
-        let members: Vec<&Case> = cases.iter().filter(|c| c.group == *group).collect();
-        plot_group(&dir.join(format!("{group}.svg")), title, &members)?;
+    for g in groups {
+        let members: Vec<&Case> = cases.iter().filter(|c| c.group == g.id).collect();
+        let references: Vec<&Case> = g
+            .references
+            .iter()
+            .filter_map(|name| cases.iter().find(|c| c.name == *name))
+            .collect();
+        plot_group(
+            &dir.join(format!("{}.svg", g.id)),
+            g.title,
+            &members,
+            &references,
+        )?;
     }
     Ok(())
 }
