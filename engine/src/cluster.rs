@@ -15,7 +15,9 @@ use crate::frame::CELL_BYTES;
 use crate::inbox::{Context, ExitSignal, Inbox, Mailbox};
 use crate::isolate::{DownReason, EndpointKind, IsolateRef, Placement};
 use crate::path::{validate_path, Properties};
-use crate::supervise::{is_below, parent_of, ChildRecord, Entry, Job, Restart, Supervision};
+use crate::supervise::{
+    is_below, parent_of, ChildRecord, Entry, Job, Notice, Restart, Supervision,
+};
 
 /// How a thread waits when it has nothing to read (and a sender when a ring is full).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -319,7 +321,7 @@ pub struct EndpointStats {
     pub id: u32,
     /// Messages sent.
     pub sent: u64,
-    /// Messages and events received.
+    /// Messages and events received (replies to its calls and requests included).
     pub received: u64,
     /// Sends that found the ring full.
     pub full: u64,
@@ -735,6 +737,18 @@ impl ClusterInner {
         for ws in reg.monitors.values_mut() {
             ws.retain(|w| w != me);
         }
+        // An isolate without a supervision record (spawned with `spawn`: temporary,
+        // never restarted) that fails is still reported to a supervisor isolate, as a
+        // failed temporary child would be; for a supervisor that gave up, that is its
+        // escalation. (The node's watchers hear of top-level ones through `IsolateDown`.)
+        let sup = parent_of(me.path());
+        if reason.is_failure()
+            && sup != "/"
+            && !reg.shutting_down
+            && !reg.children.contains_key(me.path())
+        {
+            reg.notify(sup, Notice::Failed(me.clone(), reason.clone()));
+        }
         let job = match reg.children.get(me.path()) {
             Some(rec) if rec.current == *me => (!rec.stopping).then(|| Job::ChildDown {
                 path: me.path().to_owned(),
@@ -760,7 +774,7 @@ impl ClusterInner {
     }
 
     pub(crate) fn join(&self, timeout: Duration) -> Result<(), JoinError> {
-        let deadline = Instant::now() + timeout;
+        let deadline = crate::deadline_after(timeout);
         let mut reg = lock(&self.registry);
         while reg.live_isolates > 0 || reg.pending_jobs > 0 {
             let now = Instant::now();

@@ -776,6 +776,10 @@ pub(crate) enum Mode {
     Try,
     /// Wait (see [`LocalEndpoint::send`]).
     Block,
+    /// Wait as `Block` does, but no later than this: then return `Full` (a call's
+    /// request, which must not outlive the call's timeout behind a target that stopped
+    /// reading).
+    Until(Instant),
     /// Never wait: a full ring spills the frame to the heap, where it keeps its place in
     /// the link's FIFO order (for senders whose timing matters more than memory, such as
     /// the task scheduler publishing results).
@@ -1139,12 +1143,17 @@ impl LocalEndpoint {
             match mode {
                 Mode::Try => return Err(SendError::Full(())),
                 Mode::Spill => return self.spill(&mut out.links[i], header, src),
-                Mode::Block => {}
+                Mode::Block | Mode::Until(_) => {}
             }
             let start = *waited.get_or_insert_with(Instant::now);
             if link.target.wake.is_closed() {
                 self.remove_link(out, i);
                 return Err(SendError::Disconnected(()));
+            }
+            if let Mode::Until(deadline) = mode {
+                if Instant::now() >= deadline {
+                    return Err(SendError::Full(()));
+                }
             }
             let holding = {
                 let mut inbound = self.inbound.borrow_mut();
@@ -1511,14 +1520,17 @@ impl LocalEndpoint {
     /// `remember` keeps `target` with the request, for a later [`wait_reply`](Self::wait_reply)
     /// that knows only the id; a caller that waits with [`wait_reply_for`](Self::wait_reply_for)
     /// passes `false` and saves two reference-count updates per request.
+    ///
+    /// `mode` is `Block`, or `Until` the call's deadline for a call.
     pub(crate) fn request<T: Payload>(
         &self,
         target: &IsolateRef,
         value: &T,
         remember: bool,
+        mode: Mode,
     ) -> Result<u64, SendError> {
         let (id, route) = self.open_request(target, remember);
-        self.send_copy(Target::Ref(target), value, route, Mode::Block)
+        self.send_copy(Target::Ref(target), value, route, mode)
             .map(|()| id)
             .inspect_err(|_| self.forget_request(id))
     }
@@ -1530,13 +1542,14 @@ impl LocalEndpoint {
         tag: TypeTag,
         bytes: &[u8],
         remember: bool,
+        mode: Mode,
     ) -> Result<u64, SendError> {
         let (id, route) = self.open_request(target, remember);
         let route = Route {
             flags: route.flags | crate::frame::FLAG_RAW,
             ..route
         };
-        self.send_bytes(Target::Ref(target), tag, bytes, route, Mode::Block)
+        self.send_bytes(Target::Ref(target), tag, bytes, route, mode)
             .map(|()| id)
             .inspect_err(|_| self.forget_request(id))
     }
@@ -1546,9 +1559,10 @@ impl LocalEndpoint {
         &self,
         target: &IsolateRef,
         value: Box<T>,
+        mode: Mode,
     ) -> Result<u64, SendError<Box<T>>> {
         let (id, route) = self.open_request(target, true);
-        self.send_transfer(Target::Ref(target), value, route, Mode::Block)
+        self.send_transfer(Target::Ref(target), value, route, mode)
             .map(|()| id)
             .inspect_err(|_| self.forget_request(id))
     }
@@ -1615,6 +1629,7 @@ impl LocalEndpoint {
                     .flatten()
                 {
                     inb.settle(id);
+                    bump(&self.shared.counters.received);
                     if f.header().flags() & FLAG_ERROR != 0 {
                         let text = error_text(&f);
                         f.discard();
@@ -1624,6 +1639,7 @@ impl LocalEndpoint {
                 }
                 if let Some((link, frame)) = inb.move_out_of_rings(&self.shared, Some(id)) {
                     inb.settle(id);
+                    bump(&self.shared.counters.received);
                     return Ok(Reply::InPlace { link, frame });
                 }
                 if !inb.stash.is_empty() && inb.stash.contains_key(&id) {

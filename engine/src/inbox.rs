@@ -29,13 +29,23 @@ type Filter = Box<dyn Fn(&IsolateRef) -> bool>;
 /// turn every time.
 const FULL_TURN_EVERY: u32 = 8;
 
-/// The id of a request sent with [`Inbox::request`].
+/// The id of a request sent with [`Inbox::request`]: it names the request within the
+/// endpoint that sent it, and only that endpoint can wait for it or cancel it (another
+/// endpoint's `wait_reply` gets [`CallError::UnknownRequest`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct RequestId(u64);
+pub struct RequestId {
+    /// The endpoint that sent the request.
+    endpoint: u32,
+    /// The request's correlation id within that endpoint.
+    id: u64,
+}
 
 impl RequestId {
-    pub(crate) fn from_raw(id: u64) -> Self {
-        Self(id)
+    pub(crate) fn new(ep: &LocalEndpoint, id: u64) -> Self {
+        Self {
+            endpoint: ep.shared.id,
+            id,
+        }
     }
 }
 
@@ -81,7 +91,7 @@ impl Inbox {
     /// Waits at most `timeout` for the next event. `None` on timeout or once stopped
     /// ([`is_finished`](Self::is_finished) tells which).
     pub fn recv_timeout(&self, timeout: Duration) -> Option<Event<'_>> {
-        self.next(Some(Instant::now() + timeout), true)
+        self.next(Some(crate::deadline_after(timeout)), true)
     }
 
     /// The next event if one is waiting.
@@ -530,8 +540,8 @@ impl Inbox {
         bytes: &[u8],
     ) -> Result<RequestId, SendError> {
         self.ep
-            .request_bytes(target, tag, bytes, true)
-            .map(RequestId)
+            .request_bytes(target, tag, bytes, true, Mode::Block)
+            .map(|id| RequestId::new(&self.ep, id))
     }
 
     /// Moves `value` to `target`; only the pointer travels.
@@ -563,7 +573,9 @@ impl Inbox {
     }
 
     /// Sends `request` to `target` and waits up to `timeout` for its reply, which it
-    /// returns as a message (read it with `get`/`take`). The target answers with
+    /// returns as a message (read it with `get`/`take`). The timeout bounds the whole
+    /// call: a request that finds the target's ring full waits for room only until then,
+    /// and fails with [`CallError::Timeout`] unsent. The target answers with
     /// [`Message::reply`] (or `reply_transfer`, `reply_bytes`), or fails the request with
     /// [`Message::reply_error`].
     ///
@@ -607,8 +619,11 @@ impl Inbox {
         request: &T,
         timeout: Duration,
     ) -> Result<Message<'_>, CallError> {
-        let sent = self.ep.request(target, request, false).map(RequestId);
-        self.await_call(target, sent, timeout)
+        let deadline = crate::deadline_after(timeout);
+        let sent = self
+            .ep
+            .request(target, request, false, Mode::Until(deadline));
+        self.await_call(target, sent, deadline)
     }
 
     /// [`call`](Self::call) with raw bytes and an application tag (as
@@ -620,52 +635,70 @@ impl Inbox {
         bytes: &[u8],
         timeout: Duration,
     ) -> Result<Message<'_>, CallError> {
+        let deadline = crate::deadline_after(timeout);
         let sent = self
             .ep
-            .request_bytes(target, tag, bytes, false)
-            .map(RequestId);
-        self.await_call(target, sent, timeout)
+            .request_bytes(target, tag, bytes, false, Mode::Until(deadline));
+        self.await_call(target, sent, deadline)
     }
 
     /// The second half of a call: its reply, or why there is none. A target known to be
     /// down when the request could not be sent is `TargetDown` with its reason, as a call
-    /// that was already waiting would report.
+    /// that was already waiting would report. A request still not in the target's ring
+    /// at the deadline (the target stopped reading) is a `Timeout` like a late reply.
     fn await_call(
         &self,
         target: &IsolateRef,
-        sent: Result<RequestId, SendError>,
-        timeout: Duration,
+        sent: Result<u64, SendError>,
+        deadline: Instant,
     ) -> Result<Message<'_>, CallError> {
         match sent {
-            Ok(id) => {
-                let reply = self
-                    .ep
-                    .wait_reply_for(id.0, target, Instant::now() + timeout)?;
-                Ok(self.message(reply))
-            }
-            Err(SendError::Disconnected(())) => match target.wait_down(Duration::ZERO) {
-                Some(why) => Err(CallError::TargetDown(Some(why))),
-                None => Err(CallError::Send(SendError::Disconnected(()))),
-            },
-            Err(e) => Err(e.into()),
+            Ok(id) => Ok(self.message(self.ep.wait_reply_for(id, target, deadline)?)),
+            Err(e) => Err(request_error(target, e)),
         }
     }
 
     /// Sends `request` to `target` without waiting: many requests can be outstanding at
     /// once, and their replies can come in any order. Collect each with
-    /// [`wait_reply`](Self::wait_reply), or give it up with [`cancel`](Self::cancel).
+    /// [`wait_reply`](Self::wait_reply), or give it up with [`cancel`](Self::cancel):
+    /// until then the endpoint remembers the request (and keeps its reply, if one came),
+    /// for as long as the endpoint lives. Waits while the target's ring is full, as
+    /// [`send`](Self::send) does.
     pub fn request<T: Payload>(
         &self,
         target: &IsolateRef,
         request: &T,
     ) -> Result<RequestId, SendError> {
-        self.ep.request(target, request, true).map(RequestId)
+        self.ep
+            .request(target, request, true, Mode::Block)
+            .map(|id| RequestId::new(&self.ep, id))
     }
 
     /// Waits up to `timeout` for the reply to `id`. On [`CallError::Timeout`] the request
     /// is forgotten; a late reply is dropped and counted, never delivered elsewhere.
+    /// [`CallError::UnknownRequest`] if `id` is not waiting here: already answered, timed
+    /// out, cancelled, made by a `call`, or sent by another endpoint.
     pub fn wait_reply(&self, id: RequestId, timeout: Duration) -> Result<Message<'_>, CallError> {
-        Ok(self.message(self.ep.wait_reply(id.0, Instant::now() + timeout)?))
+        if id.endpoint != self.ep.shared.id {
+            return Err(CallError::UnknownRequest);
+        }
+        let deadline = crate::deadline_after(timeout);
+        Ok(self.message(self.ep.wait_reply(id.id, deadline)?))
+    }
+
+    /// Sends `request` as [`request`](Self::request) does, but waits for room in a full
+    /// ring only until `deadline` (then [`CallError::Timeout`]): the first half of a
+    /// call made in two steps (the worker pool, the task scheduler).
+    pub(crate) fn request_transfer_until<T: Send + 'static>(
+        &self,
+        target: &IsolateRef,
+        value: Box<T>,
+        deadline: Instant,
+    ) -> Result<RequestId, CallError> {
+        self.ep
+            .request_transfer(target, value, Mode::Until(deadline))
+            .map(|id| RequestId::new(&self.ep, id))
+            .map_err(|e| request_error(target, e.without_value()))
     }
 
     /// The message of a reply.
@@ -700,9 +733,12 @@ impl Inbox {
         )
     }
 
-    /// Gives up request `id`: its reply, if it comes, is dropped and counted.
+    /// Gives up request `id`: its reply, if it comes, is dropped and counted. (An id of
+    /// another endpoint is ignored.)
     pub fn cancel(&self, id: RequestId) {
-        self.ep.forget_request(id.0);
+        if id.endpoint == self.ep.shared.id {
+            self.ep.forget_request(id.id);
+        }
     }
 
     /// Looks up a live isolate by path.
@@ -747,6 +783,19 @@ impl Inbox {
 
     pub(crate) fn ep(&self) -> &LocalEndpoint {
         &self.ep
+    }
+}
+
+/// Why a request could not be sent, as a call reports it: a target known to be down is
+/// `TargetDown` with its reason; a ring still full at the call's deadline is `Timeout`.
+fn request_error(target: &IsolateRef, e: SendError) -> CallError {
+    match e {
+        SendError::Disconnected(()) => match target.wait_down(Duration::ZERO) {
+            Some(why) => CallError::TargetDown(Some(why)),
+            None => CallError::Send(SendError::Disconnected(())),
+        },
+        SendError::Full(()) => CallError::Timeout,
+        e => CallError::Send(e),
     }
 }
 
@@ -822,7 +871,7 @@ impl Context {
 
     /// Like [`recv`](Self::recv) with a timeout.
     pub fn recv_timeout(&self, timeout: Duration) -> Option<Event<'_>> {
-        let deadline = Instant::now() + timeout;
+        let deadline = crate::deadline_after(timeout);
         self.inbox
             .next_with(Some(deadline), true, |ev| self.after(ev))
     }

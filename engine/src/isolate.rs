@@ -115,6 +115,13 @@ pub(crate) struct IsolateInfo {
 /// A reference also names the endpoint of a thread that is not an isolate (the `sender`
 /// of a message sent from `main`); such references have a path starting with `@` and
 /// cannot be looked up.
+///
+/// A reference names one incarnation of an isolate. After the isolate stops (and after a
+/// supervisor restarts it at the same path) it stays valid but names the stopped one:
+/// [`is_alive`](Self::is_alive) is `false`, [`wait_down`](Self::wait_down) gives the
+/// reason, sends fail with [`SendError::Disconnected`], and a call fails with
+/// [`CallError::TargetDown`](crate::CallError::TargetDown). Look the path up again to
+/// reach a restarted isolate (see [`supervise`](crate::supervise)).
 #[derive(Clone)]
 pub struct IsolateRef(pub(crate) Arc<IsolateInfo>);
 
@@ -254,7 +261,7 @@ impl IsolateRef {
     /// Waits until the isolate has stopped, for at most `timeout`. `None` if it is still
     /// running.
     pub fn wait_down(&self, timeout: Duration) -> Option<DownReason> {
-        let deadline = Instant::now() + timeout;
+        let deadline = crate::deadline_after(timeout);
         let mut g = lock(&self.0.down);
         loop {
             if let Some(r) = &*g {

@@ -12,16 +12,27 @@
 //!   the supervisor gives up: its children are stopped, it gets
 //!   [`Event::SupervisionGaveUp`](crate::Event::SupervisionGaveUp) and is asked to shut
 //!   down, and it goes down as [`DownReason::Escalated`] — a failure its own supervisor
-//!   handles in turn. When the node gives up, it shuts down and
-//!   [`Cluster::failure`](crate::Cluster::failure) says why.
+//!   handles in turn: restarts it per its [`Restart`] policy if it was spawned with
+//!   `spawn_supervised`, or, if it was spawned with plain `spawn` (temporary), only gets
+//!   [`Event::ChildFailed`](crate::Event::ChildFailed) for it. When the node gives up, it
+//!   shuts down and [`Cluster::failure`](crate::Cluster::failure) says why.
 //! - A restart runs the same entry at the same path with the same properties, as a new
 //!   incarnation: a new endpoint id and a fresh [`IsolateRef`]. A reference held across
-//!   the restart keeps naming the old incarnation: [`IsolateRef::is_alive`] is `false`
-//!   and sends to it fail with [`SendError::Disconnected`](crate::SendError::Disconnected);
-//!   look the path up again for the new one.
+//!   the restart keeps naming the old incarnation, never the new one:
+//!   [`IsolateRef::is_alive`] is `false`, sends and transfers to it fail with
+//!   [`SendError::Disconnected`](crate::SendError::Disconnected), and a `call` through it
+//!   fails with [`CallError::TargetDown`](crate::CallError::TargetDown) and the old
+//!   incarnation's reason. Look the path up again for the new one: between the stop and
+//!   the restart the lookup fails for a moment
+//!   ([`LookupError::NotFound`](crate::LookupError::NotFound)), so retry it (or watch for
+//!   [`Event::IsolateUp`](crate::Event::IsolateUp)).
 //! - Supervisors receive [`Event::ChildFailed`](crate::Event::ChildFailed) (with the panic
-//!   message) and [`Event::ChildRestarted`](crate::Event::ChildRestarted); the node's
-//!   go to every endpoint watching isolates (filtered by the watch filters).
+//!   message) and [`Event::ChildRestarted`](crate::Event::ChildRestarted); a supervisor
+//!   isolate also gets `ChildFailed` for a failed child it spawned with plain `spawn`.
+//!   The node's own events, about supervised top-level isolates, go to every endpoint
+//!   watching isolates (filtered by the watch filters); the failure of any top-level
+//!   isolate reaches the watchers as [`Event::IsolateDown`](crate::Event::IsolateDown)
+//!   with its reason.
 //!
 //! Whatever stops an isolate — its return, a panic, a restart, an escalation — also stops
 //! the isolates below it in the path tree first, deepest first, each getting

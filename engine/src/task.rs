@@ -940,7 +940,7 @@ impl TaskClient {
             _ => path,
         };
         crate::path::validate_path(local).map_err(TaskError::Path)?;
-        let deadline = Instant::now() + timeout;
+        let deadline = crate::deadline_after(timeout);
         let mut nap = Duration::from_micros(100);
         loop {
             if let Ok(r) = inbox.lookup(path) {
@@ -1098,12 +1098,10 @@ impl TaskClient {
     pub fn add(&self, inbox: &Inbox, spec: TaskSpec, timeout: Duration) -> Result<Task, TaskError> {
         validate(&spec)?;
         let name = spec.name.clone();
-        let id = match inbox.ep().request_transfer(&self.scheduler, Box::new(spec)) {
-            Ok(id) => crate::inbox::RequestId::from_raw(id),
-            Err(SendError::Disconnected(_)) => return Err(TaskError::Stopped),
-            Err(e) => return Err(TaskError::Call(CallError::Send(e.without_value()))),
-        };
-        let msg = inbox.wait_reply(id, timeout)?;
+        let deadline = crate::deadline_after(timeout);
+        let id = inbox.request_transfer_until(&self.scheduler, Box::new(spec), deadline)?;
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let msg = inbox.wait_reply(id, left)?;
         let reply = msg
             .get_checked::<Reply>()
             .map_err(|e| TaskError::Protocol(e.to_string()))?;

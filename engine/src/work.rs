@@ -45,6 +45,9 @@ type Job = Box<dyn FnOnce() -> Box<dyn Any + Send> + Send>;
 /// Long-lived isolates that run closures, so repeated work does not pay a thread spawn
 /// per job. Jobs and results move by transfer (no copy); jobs go round-robin; a job that
 /// panics fails with [`CallError::Remote`] and the worker carries on.
+///
+/// Dropping the pool asks its isolates to stop: jobs already sent still run (their
+/// results are dropped if nobody waits for them), then the isolates end.
 pub struct WorkerPool {
     workers: Vec<IsolateRef>,
     next: AtomicUsize,
@@ -56,20 +59,21 @@ impl WorkerPool {
         path: &str,
         size: usize,
     ) -> Result<Self, SpawnError> {
-        let mut workers = Vec::with_capacity(size);
+        let mut pool = Self {
+            workers: Vec::with_capacity(size.max(1)),
+            next: AtomicUsize::new(0),
+        };
         for i in 0..size.max(1) {
+            // On an error the pool is dropped, which stops the workers already started.
             let w = ClusterInner::spawn(
                 cluster,
                 &format!("{path}/{i}"),
                 Properties::new(),
                 pool_worker,
             )?;
-            workers.push(w);
+            pool.workers.push(w);
         }
-        Ok(Self {
-            workers,
-            next: AtomicUsize::new(0),
-        })
+        Ok(pool)
     }
 
     /// The pool's isolates.
@@ -84,19 +88,35 @@ impl WorkerPool {
         F: FnOnce() -> T + Send + 'static,
         T: Send + 'static,
     {
+        let deadline = crate::deadline_after(timeout);
         let k = self.next.fetch_add(1, Ordering::Relaxed) % self.workers.len();
         let job: Job = Box::new(move || Box::new(f()) as Box<dyn Any + Send>);
-        let id = inbox
-            .ep()
-            .request_transfer(&self.workers[k], Box::new(job))
-            .map_err(|e| CallError::Send(e.without_value()))?;
-        let mut reply = inbox.wait_reply(crate::inbox::RequestId::from_raw(id), timeout)?;
+        let id = inbox.request_transfer_until(&self.workers[k], Box::new(job), deadline)?;
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let mut reply = inbox.wait_reply(id, left)?;
         let any = reply
             .take::<Box<dyn Any + Send>>()
             .map_err(CallError::Access)?;
         any.downcast::<T>()
             .map_err(|_| CallError::Access(crate::AccessError::AlreadyTaken))
     }
+}
+
+impl Drop for WorkerPool {
+    fn drop(&mut self) {
+        for w in &self.workers {
+            ask_to_stop(w);
+        }
+    }
+}
+
+/// Asks a local isolate to stop, as node shutdown does: it gets
+/// [`Event::ShutdownRequested`], reads what was sent to it before, then ends. Never
+/// waits (the request goes through its control queue, not a ring).
+fn ask_to_stop(isolate: &IsolateRef) {
+    let _ = isolate
+        .endpoint()
+        .enqueue(crate::endpoint::Control::Shutdown);
 }
 
 fn pool_worker(ctx: &Context) {
@@ -131,6 +151,10 @@ struct CloseWorker;
 /// worker of Dart's isolate documentation): many requests may be outstanding, each with
 /// its id; [`close`](Self::close) lets every request already sent finish and makes later
 /// ones fail with [`CallError::Closed`]; a handler error or panic fails only its request.
+///
+/// A `Worker` may be shared between threads (each calls through its own inbox). A
+/// request that races `close` on another thread is either answered or fails with
+/// `Closed`. Dropping the worker closes it.
 pub struct Worker<Req, Resp> {
     isolate: IsolateRef,
     closed: Arc<AtomicBool>,
@@ -177,18 +201,39 @@ where
         if self.closed.load(Ordering::Acquire) {
             return Err(CallError::Closed);
         }
-        Ok(inbox.request(&self.isolate, request)?)
+        inbox
+            .request(&self.isolate, request)
+            .map_err(|e| self.after_close(e.into()))
     }
 
-    /// Sends a request and waits up to `timeout` for the reply.
+    /// Sends a request and waits up to `timeout` for the reply (the whole call, including
+    /// a wait for room in a full ring, is bounded by `timeout`).
     pub fn call<'a>(
         &self,
         inbox: &'a Inbox,
         request: &Req,
         timeout: Duration,
     ) -> Result<Message<'a>, CallError> {
-        let id = self.request(inbox, request)?;
-        inbox.wait_reply(id, timeout)
+        if self.closed.load(Ordering::Acquire) {
+            return Err(CallError::Closed);
+        }
+        inbox
+            .call(&self.isolate, request, timeout)
+            .map_err(|e| self.after_close(e))
+    }
+
+    /// A request that failed because the worker stopped after `close` (called on another
+    /// thread while it was being sent) failed because of the close.
+    fn after_close(&self, e: CallError) -> CallError {
+        let stopped = matches!(
+            e,
+            CallError::Send(crate::SendError::Disconnected(())) | CallError::TargetDown(_)
+        );
+        if stopped && self.closed.load(Ordering::Acquire) {
+            CallError::Closed
+        } else {
+            e
+        }
     }
 
     /// Stops taking requests: requests already sent are answered, later ones fail with
@@ -202,6 +247,14 @@ where
     /// Whether `close` was called.
     pub fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
+    }
+}
+
+impl<Req, Resp> Drop for Worker<Req, Resp> {
+    fn drop(&mut self) {
+        if !self.closed.swap(true, Ordering::AcqRel) {
+            ask_to_stop(&self.isolate);
+        }
     }
 }
 

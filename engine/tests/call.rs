@@ -223,3 +223,111 @@ fn isolates_call_each_other_and_other_messages_keep_their_order() {
         cluster.join(T).unwrap();
     });
 }
+
+#[test]
+fn a_call_whose_request_finds_the_ring_full_still_ends_at_its_timeout() {
+    with_timeout(Duration::from_secs(60), || {
+        // A 4-cell ring: four one-cell messages fill it.
+        let cluster = Cluster::builder().ring_capacity(256).build();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let go_rx = std::sync::Mutex::new(go_rx);
+        let stuck = cluster
+            .spawn("/stuck", Properties::new(), move |ctx| {
+                // Stops reading until told to go on, then doubles as `doubler` does.
+                go_rx.lock().unwrap().recv().unwrap();
+                doubler(ctx);
+            })
+            .unwrap();
+        let mailbox = cluster.mailbox().unwrap();
+        let mut filled = 0u64;
+        while mailbox.try_send(&stuck, &filled).is_ok() {
+            filled += 1;
+        }
+        assert_eq!(filled, 4, "a 4-cell ring holds four one-cell messages");
+        assert!(matches!(
+            mailbox.try_send(&stuck, &0u64),
+            Err(SendError::Full(()))
+        ));
+        let t = Instant::now();
+        assert_eq!(
+            mailbox
+                .call(&stuck, &21u64, Duration::from_millis(200))
+                .unwrap_err(),
+            CallError::Timeout
+        );
+        let waited = t.elapsed();
+        assert!(waited >= Duration::from_millis(200), "{waited:?}");
+        // The target reads again: the four plain messages, never the timed-out request
+        // (it was not sent), and calls work again.
+        go_tx.send(()).unwrap();
+        let reply = mailbox.call(&stuck, &21u64, T).unwrap();
+        assert_eq!(reply.get::<u64>().unwrap().to_native(), 42);
+        drop(reply);
+        let me = mailbox.cluster_stats();
+        let mine = me
+            .endpoints
+            .iter()
+            .find(|e| e.id == mailbox.me().id())
+            .unwrap()
+            .clone();
+        assert_eq!(mine.late_replies, 0, "the unsent request has no reply");
+        assert_eq!(mine.received, 1, "one reply");
+        cluster.shutdown();
+        cluster.join(T).unwrap();
+    });
+}
+
+#[test]
+fn a_request_id_is_only_good_on_the_endpoint_that_sent_it() {
+    with_timeout(Duration::from_secs(60), || {
+        let cluster = Cluster::single_node();
+        let d = cluster
+            .spawn("/doubler", Properties::new(), doubler)
+            .unwrap();
+        let mailbox = cluster.mailbox().unwrap();
+        let id = mailbox.request(&d, &5u64).unwrap();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let theirs = cluster.mailbox().unwrap();
+                // Another endpoint's id: not waiting here, and cancelling it does nothing.
+                assert_eq!(
+                    theirs
+                        .wait_reply(id, Duration::from_millis(50))
+                        .unwrap_err(),
+                    CallError::UnknownRequest
+                );
+                theirs.cancel(id);
+            });
+        });
+        let reply = mailbox.wait_reply(id, T).unwrap();
+        assert_eq!(reply.get::<u64>().unwrap().to_native(), 10);
+        drop(reply);
+        cluster.shutdown();
+        cluster.join(T).unwrap();
+    });
+}
+
+#[test]
+fn timeouts_too_long_to_represent_mean_no_deadline() {
+    with_timeout(Duration::from_secs(60), || {
+        let cluster = Cluster::single_node();
+        let d = cluster
+            .spawn("/doubler", Properties::new(), doubler)
+            .unwrap();
+        let mailbox = cluster.mailbox().unwrap();
+        let reply = mailbox.call(&d, &8u64, Duration::MAX).unwrap();
+        assert_eq!(reply.get::<u64>().unwrap().to_native(), 16);
+        drop(reply);
+        let id = mailbox.request(&d, &9u64).unwrap();
+        let reply = mailbox.wait_reply(id, Duration::MAX).unwrap();
+        assert_eq!(reply.get::<u64>().unwrap().to_native(), 18);
+        drop(reply);
+        d.send(&PANIC).unwrap();
+        assert_eq!(
+            d.wait_down(Duration::MAX),
+            Some(DownReason::Panicked(format!("unlucky {PANIC}")))
+        );
+        cluster.shutdown();
+        cluster.join(Duration::MAX).unwrap();
+    });
+}

@@ -549,3 +549,94 @@ fn an_entry_dropped_by_supervision_may_use_the_cluster() {
         cluster.shutdown();
     });
 }
+
+#[test]
+fn a_plainly_spawned_supervisor_that_gives_up_is_reported_to_its_parent() {
+    with_timeout(LIMIT, || {
+        let cluster = Cluster::single_node();
+        let (tx, rx) = mpsc::channel::<String>();
+        let tx = Mutex::new(tx);
+        // `/top` spawns `/top/sup` with plain `spawn` (temporary: never restarted);
+        // `/top/sup` restarts its crashing child once, then gives up.
+        cluster
+            .spawn("/top", Properties::new(), move |ctx| {
+                let tx = tx.lock().unwrap().clone();
+                ctx.spawn("/top/sup", Properties::new(), |ctx| {
+                    ctx.supervise_children(
+                        Supervision::one_for_one().intensity(1, Duration::from_secs(60)),
+                    );
+                    ctx.spawn_supervised(
+                        "/top/sup/crash",
+                        Properties::new(),
+                        Restart::Permanent,
+                        |_| panic!("crash on start"),
+                    )
+                    .expect("spawn child");
+                    while ctx.recv().is_some() {}
+                })
+                .expect("spawn /top/sup");
+                while let Some(ev) = ctx.recv() {
+                    if let Event::ChildFailed(r, why) = ev {
+                        let kind = match why {
+                            DownReason::Escalated(_) => "escalated",
+                            _ => "other",
+                        };
+                        let _ = tx.send(format!("failed {} {kind}", r.path()));
+                    }
+                }
+            })
+            .unwrap();
+        assert_eq!(rx.recv_timeout(T).unwrap(), "failed /top/sup escalated");
+        // Not restarted, and the node carries on: `/top` is alive, nothing failed.
+        assert!(cluster.lookup("/top").unwrap().is_alive());
+        assert!(cluster.lookup("/top/sup").is_err());
+        assert_eq!(cluster.failure(), None);
+        assert!(
+            rx.recv_timeout(Duration::from_millis(200)).is_err(),
+            "one event"
+        );
+        cluster.shutdown();
+        cluster.join(T).unwrap();
+    });
+}
+
+#[test]
+fn a_call_through_a_reference_held_across_a_restart_reports_the_old_incarnation_down() {
+    with_timeout(LIMIT, || {
+        let cluster = Cluster::single_node();
+        // Echoes `u64`s; panics on 0.
+        let old = cluster
+            .spawn_supervised("/echo", Properties::new(), Restart::Permanent, |ctx| {
+                while let Some(ev) = ctx.recv() {
+                    if let Event::Message(m) = ev {
+                        let v = m.get::<u64>().unwrap().to_native();
+                        assert_ne!(v, 0, "zero");
+                        m.reply(&v).unwrap();
+                    }
+                }
+            })
+            .unwrap();
+        let mailbox = cluster.mailbox().unwrap();
+        let reply = mailbox.call(&old, &5u64, T).unwrap();
+        assert_eq!(reply.get::<u64>().unwrap().to_native(), 5);
+        drop(reply);
+        old.send(&0u64).unwrap();
+        let new = next_incarnation(&cluster, "/echo", &old);
+        let why = Some(DownReason::Panicked(
+            "assertion `left != right` failed: zero\n  left: 0\n right: 0".into(),
+        ));
+        assert_eq!(
+            mailbox.call(&old, &5u64, T).unwrap_err(),
+            isolate_cluster::CallError::TargetDown(why)
+        );
+        assert!(matches!(
+            mailbox.transfer(&old, Box::new(5u64)),
+            Err(SendError::Disconnected(_))
+        ));
+        let reply = mailbox.call(&new, &7u64, T).unwrap();
+        assert_eq!(reply.get::<u64>().unwrap().to_native(), 7);
+        drop(reply);
+        cluster.shutdown();
+        cluster.join(T).unwrap();
+    });
+}

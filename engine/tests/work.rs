@@ -97,3 +97,131 @@ fn the_robust_worker_answers_fails_and_closes() {
         cluster.join(T).unwrap();
     });
 }
+
+#[test]
+fn run_moves_its_result_out_without_copying() {
+    with_timeout(Duration::from_secs(30), || {
+        let cluster = Cluster::single_node();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let v = cluster
+            .run(move || {
+                let v = vec![3u8; 1 << 20];
+                tx.send(v.as_ptr() as usize).unwrap();
+                v
+            })
+            .unwrap();
+        assert_eq!(v.as_ptr() as usize, rx.recv().unwrap(), "the same buffer");
+        cluster.join(T).unwrap();
+    });
+}
+
+#[test]
+fn requests_racing_close_on_other_threads_are_answered_or_closed() {
+    with_timeout(Duration::from_secs(60), || {
+        let cluster = Cluster::single_node();
+        let worker = cluster
+            .worker::<u64, u64, _>("/worker", |n| Ok(n.to_native() + 1))
+            .unwrap();
+        let (answered, closed) = std::thread::scope(|s| {
+            let callers: Vec<_> = (0..4u64)
+                .map(|t| {
+                    let (cluster, worker) = (&cluster, &worker);
+                    s.spawn(move || {
+                        let mailbox = cluster.mailbox().unwrap();
+                        let (mut answered, mut closed) = (0u64, 0u64);
+                        for i in 0..100_000u64 {
+                            let n = t * 1_000_000 + i;
+                            match worker.call(&mailbox, &n, T) {
+                                Ok(m) => {
+                                    assert_eq!(closed, 0, "an answer after Closed");
+                                    assert_eq!(*m.get::<u64>().unwrap(), n + 1);
+                                    answered += 1;
+                                }
+                                Err(CallError::Closed) => {
+                                    closed += 1;
+                                    if closed == 10 {
+                                        break;
+                                    }
+                                }
+                                Err(e) => panic!("request {n}: {e:?}"),
+                            }
+                        }
+                        (answered, closed)
+                    })
+                })
+                .collect();
+            std::thread::sleep(Duration::from_millis(20));
+            let mailbox = cluster.mailbox().unwrap();
+            worker.close(&mailbox);
+            callers
+                .into_iter()
+                .map(|c| c.join().unwrap())
+                .fold((0, 0), |(a, c), (a2, c2)| (a + a2, c + c2))
+        });
+        assert!(answered > 0, "some calls were made before close");
+        assert_eq!(closed, 40, "every caller ends on Closed");
+        assert_eq!(worker.isolate().wait_down(T), Some(DownReason::Normal));
+        cluster.shutdown();
+        cluster.join(T).unwrap();
+    });
+}
+
+#[test]
+fn dropping_a_worker_or_a_pool_stops_their_isolates() {
+    with_timeout(Duration::from_secs(60), || {
+        let cluster = Cluster::single_node();
+        let mailbox = cluster.mailbox().unwrap();
+        let worker = cluster
+            .worker::<u64, u64, _>("/worker", |n| Ok(n.to_native()))
+            .unwrap();
+        let id = worker.request(&mailbox, &9).unwrap();
+        let isolate = worker.isolate().clone();
+        drop(worker);
+        // A request sent before the drop is still answered.
+        assert_eq!(*mailbox.wait_reply(id, T).unwrap().get::<u64>().unwrap(), 9);
+        assert_eq!(isolate.wait_down(T), Some(DownReason::Normal));
+        let pool = cluster.worker_pool("/pool", 3).unwrap();
+        assert_eq!(*pool.run(&mailbox, || 5u8, T).unwrap(), 5);
+        let workers = pool.workers().to_vec();
+        drop(pool);
+        for w in workers {
+            assert_eq!(w.wait_down(T), Some(DownReason::Normal), "{}", w.path());
+        }
+        // The paths are free again.
+        let again = cluster.worker_pool("/pool", 2).unwrap();
+        assert_eq!(*again.run(&mailbox, || 6u8, T).unwrap(), 6);
+        drop(again);
+        cluster.shutdown();
+        cluster.join(T).unwrap();
+    });
+}
+
+#[test]
+fn a_call_to_a_worker_that_died_fails_with_its_reason() {
+    with_timeout(Duration::from_secs(60), || {
+        let cluster = Cluster::single_node();
+        let mailbox = cluster.mailbox().unwrap();
+        // `/parent` returns on its first message; the worker below it is stopped first.
+        let parent = cluster
+            .spawn("/parent", isolate_cluster::Properties::new(), |ctx| {
+                ctx.recv();
+            })
+            .unwrap();
+        let worker = cluster
+            .worker::<u64, u64, _>("/parent/worker", |n| Ok(n.to_native()))
+            .unwrap();
+        assert_eq!(
+            *worker.call(&mailbox, &4, T).unwrap().get::<u64>().unwrap(),
+            4
+        );
+        parent.send(&0u8).unwrap();
+        assert_eq!(worker.isolate().wait_down(T), Some(DownReason::Normal));
+        assert!(!worker.is_closed());
+        assert_eq!(
+            worker.call(&mailbox, &1, T).err(),
+            Some(CallError::TargetDown(Some(DownReason::Normal)))
+        );
+        cluster.shutdown();
+        cluster.join(T).unwrap();
+    });
+}
