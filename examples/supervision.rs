@@ -73,10 +73,11 @@ fn app(ctx: &Context) {
     }
 }
 
-/// The live incarnation at `path`, waiting for a restart if needed.
+/// The live incarnation at `path`, waiting for a restart if needed; `None` once the
+/// node has given up (nothing will be restarted).
 fn current(cluster: &Cluster, path: &str) -> Option<IsolateRef> {
     let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline {
+    while Instant::now() < deadline && cluster.failure().is_none() {
         match cluster.lookup(path) {
             Ok(r) if r.is_alive() => return Some(r),
             _ => std::thread::sleep(Duration::from_millis(1)),
