@@ -225,3 +225,52 @@ fn a_call_to_a_worker_that_died_fails_with_its_reason() {
         cluster.join(T).unwrap();
     });
 }
+
+#[test]
+fn a_pool_job_past_its_timeout_is_dropped_and_counted_when_it_ends() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    /// Counts its drops.
+    struct Tracked(Arc<AtomicUsize>);
+    impl Drop for Tracked {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    with_timeout(Duration::from_secs(60), || {
+        let cluster = Cluster::single_node();
+        let mailbox = cluster.mailbox().unwrap();
+        let pool = cluster.worker_pool("/pool", 1).unwrap();
+        let drops = Arc::new(AtomicUsize::new(0));
+        let d = drops.clone();
+        let slow = move || {
+            std::thread::sleep(Duration::from_millis(300));
+            Tracked(d)
+        };
+        assert_eq!(
+            pool.run(&mailbox, slow, Duration::from_millis(50)).err(),
+            Some(CallError::Timeout)
+        );
+        assert_eq!(drops.load(Ordering::SeqCst), 0, "still running");
+        // The one worker answers the slow job first: its late result is read while this
+        // call waits, dropped (not leaked) and counted.
+        assert_eq!(*pool.run(&mailbox, || 1u8, T).unwrap(), 1);
+        assert_eq!(
+            drops.load(Ordering::SeqCst),
+            1,
+            "the late result was dropped"
+        );
+        let stats = cluster.stats();
+        let me = stats
+            .endpoints
+            .iter()
+            .find(|e| e.id == mailbox.me().id())
+            .unwrap();
+        assert_eq!(me.late_replies, 1);
+        drop(pool);
+        cluster.shutdown();
+        cluster.join(T).unwrap();
+    });
+}
