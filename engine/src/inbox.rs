@@ -703,10 +703,7 @@ impl Inbox {
 
     /// The message of a reply.
     fn message(&self, reply: Reply) -> Message<'_> {
-        match reply {
-            Reply::Owned(frame) => Message::owned(&self.ep, frame.cells),
-            Reply::InPlace { link, frame } => Message::in_ring(&self.ep, link, frame),
-        }
+        Message::of_reply(&self.ep, reply)
     }
 
     /// Answers a message through its [`Replier`] (taken with [`Message::replier`]).
@@ -788,7 +785,7 @@ impl Inbox {
 
 /// Why a request could not be sent, as a call reports it: a target known to be down is
 /// `TargetDown` with its reason; a ring still full at the call's deadline is `Timeout`.
-fn request_error(target: &IsolateRef, e: SendError) -> CallError {
+pub(crate) fn request_error(target: &IsolateRef, e: SendError) -> CallError {
     match e {
         SendError::Disconnected(()) => match target.wait_down(Duration::ZERO) {
             Some(why) => CallError::TargetDown(Some(why)),

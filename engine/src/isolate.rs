@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use crate::cluster::ClusterInner;
 use crate::endpoint::{local_endpoint, lock, EndpointShared, LocalEndpoint, Mode, Route, Target};
-use crate::error::{ExitError, SendError};
+use crate::error::{CallError, ExitError, SendError};
 use crate::path::{Properties, PropertyValue};
 use crate::Payload;
 
@@ -317,6 +317,53 @@ impl IsolateRef {
             Some(ep) => f(&ep),
             None => Err(SendError::Disconnected(v)),
         }
+    }
+
+    /// Sends `request` to this isolate and waits up to `timeout` for the reply, from any
+    /// thread: [`Inbox::call`](crate::Inbox::call) for code that holds no inbox. The
+    /// calling thread's endpoint sends it (an isolate's own; for another thread, the one
+    /// [`send`](Self::send) uses), and `read` gets the reply in place (`get` it, or `take`
+    /// a transfer): what `read` returns is the call's result. Errors and the timeout are
+    /// those of `Inbox::call`.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use isolate_cluster::{CallError, Cluster, Event, Properties};
+    ///
+    /// let cluster = Cluster::single_node();
+    /// let square = cluster
+    ///     .spawn("/square", Properties::new(), |ctx| {
+    ///         while let Some(Event::Message(m)) = ctx.recv() {
+    ///             match m.get::<u32>().map(|v| v.to_native()) {
+    ///                 Ok(v) if v < 65536 => m.reply(&(v * v)).unwrap(),
+    ///                 _ => m.reply_error("too large").unwrap(),
+    ///             }
+    ///         }
+    ///     })
+    ///     .unwrap();
+    /// let t = Duration::from_secs(5);
+    /// let n = square.call(&12u32, t, |m| m.get::<u32>().map(|v| v.to_native()));
+    /// assert_eq!(n, Ok(Ok(144)));
+    /// let e = square.call(&70000u32, t, |_| ()).unwrap_err();
+    /// assert_eq!(e, CallError::Remote("too large".into()));
+    /// ```
+    pub fn call<T: Payload, R>(
+        &self,
+        request: &T,
+        timeout: Duration,
+        read: impl FnOnce(crate::Message<'_>) -> R,
+    ) -> Result<R, CallError> {
+        let deadline = crate::deadline_after(timeout);
+        let ep = local_endpoint(self.0.cluster_id, || {
+            let c = self.0.cluster.upgrade()?;
+            Some(c.thread_endpoint())
+        })
+        .ok_or(CallError::Send(SendError::Disconnected(())))?;
+        let id = ep
+            .request(self, request, false, Mode::Until(deadline))
+            .map_err(|e| crate::inbox::request_error(self, e))?;
+        let reply = ep.wait_reply_for(id, self, deadline)?;
+        Ok(read(crate::Message::of_reply(&ep, reply)))
     }
 
     /// Sends a copy of `value`: serialised straight into the ring, read in place by the

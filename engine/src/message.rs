@@ -159,6 +159,14 @@ impl<'a> Message<'a> {
     }
 
     /// A frame moved out of its ring: the message owns (and frees) the cells.
+    /// The message of a reply that `ep` waited for.
+    pub(crate) fn of_reply(ep: &'a LocalEndpoint, reply: crate::endpoint::Reply) -> Self {
+        match reply {
+            crate::endpoint::Reply::Owned(frame) => Self::owned(ep, frame.cells),
+            crate::endpoint::Reply::InPlace { link, frame } => Self::in_ring(ep, link, frame),
+        }
+    }
+
     pub(crate) fn owned(ep: &'a LocalEndpoint, cells: Box<[Cell]>) -> Self {
         let n = cells.len();
         debug_assert!(n >= 1);

@@ -331,3 +331,46 @@ fn timeouts_too_long_to_represent_mean_no_deadline() {
         cluster.join(Duration::MAX).unwrap();
     });
 }
+
+#[test]
+fn a_reference_calls_from_any_thread_without_an_inbox() {
+    with_timeout(Duration::from_secs(60), || {
+        let cluster = Cluster::single_node();
+        let d = cluster
+            .spawn("/doubler", Properties::new(), doubler)
+            .unwrap();
+        // From a thread that opened no mailbox.
+        for i in 0..100u64 {
+            let v = d.call(&i, T, |m| m.get::<u64>().unwrap().to_native());
+            assert_eq!(v, Ok(i * 2));
+        }
+        assert_eq!(
+            d.call(&u64::MAX, T, |_| ()).unwrap_err(),
+            CallError::Remote(format!("bad input: {}", u64::MAX))
+        );
+        assert_eq!(
+            d.call(&5000u64, Duration::from_millis(1), |_| ())
+                .unwrap_err(),
+            CallError::Timeout
+        );
+        // From an isolate, through its own endpoint.
+        let target = d.clone();
+        let caller = cluster
+            .spawn("/caller", Properties::new(), move |ctx| {
+                let v = target.call(&21u64, T, |m| m.get::<u64>().unwrap().to_native());
+                assert_eq!(v, Ok(42));
+                ctx.exit(Box::new(v.unwrap()));
+            })
+            .unwrap();
+        assert_eq!(*caller.join_exit::<u64>(T).unwrap(), 42);
+        // A dead target.
+        d.send(&PANIC).unwrap();
+        assert!(d.wait_down(T).is_some());
+        assert_eq!(
+            d.call(&1u64, T, |_| ()).unwrap_err(),
+            CallError::TargetDown(Some(DownReason::Panicked(format!("unlucky {PANIC}"))))
+        );
+        cluster.shutdown();
+        cluster.join(T).unwrap();
+    });
+}
