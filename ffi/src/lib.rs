@@ -1795,8 +1795,10 @@ fn held_message(e: &Entered, handle: u64) -> R<*const Message<'static>> {
 }
 
 /// Sends a request of `len` bytes with `tag` and waits up to `timeout_ms` for its answer,
-/// which `reply` receives (release it with `ic_message_release`). Errors:
-/// IC_ERR_TIMEOUT (a late answer is dropped), IC_ERR_REMOTE (the handler's error text is
+/// which `reply` receives (release it with `ic_message_release`). The timeout bounds the
+/// whole call: a request that finds the target's ring full waits for room only until
+/// then. Errors: IC_ERR_TIMEOUT (a late answer is dropped; a request that never found
+/// room was not sent), IC_ERR_REMOTE (the handler's error text is
 /// in `ic_last_error`), IC_ERR_TARGET_DOWN, IC_ERR_DISCONNECTED. The inbox's thread only.
 #[no_mangle]
 pub unsafe extern "C" fn ic_call(
