@@ -1,21 +1,33 @@
 //! One-way throughput of isolate-cluster against raw `rtrb`, `crossbeam-channel` and
-//! iceoryx2: messages/s and bytes/s over a payload sweep, through a large ring (no
-//! contention) and a tiny ring (maximum contention), with and without batching.
+//! iceoryx2: messages/s and bytes/s over the payload sweep — copies of 8 B, 64 B, 256 B
+//! and 4 KiB, and transfers (ownership moves) of 64 KiB, 1 MiB and 16 MiB — through a
+//! large ring (no contention) and a tiny ring (maximum contention), with and without
+//! batching.
 //!
-//! `cargo bench --bench throughput` (full); `IC_BENCH_QUICK=1 cargo bench --bench
-//! throughput` (quick). The producer is pinned to the second core, the consumer to the
-//! first, as in the latency bench.
+//! `cargo bench --bench throughput` (full: 64 cases of about 3 s each, under 5 minutes);
+//! `IC_BENCH_QUICK=1 cargo bench --bench throughput` (quick: about 35 s). The producer is pinned to the second core,
+//! the consumer to the first, as in the latency bench. After criterion's own output, a
+//! table of messages/s and bytes/s per case (from the samples criterion timed, its
+//! warm-up left out) is printed and written to `target/bench-report/throughput-<unix
+//! seconds>/REPORT.md`.
 
 #![allow(missing_docs)] // criterion_group! generates undocumented items.
 
+use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::measurement::WallTime;
+use criterion::{criterion_group, BenchmarkGroup, BenchmarkId, Criterion, Throughput};
 use isolate_cluster::{Cluster, CorePolicy, Event, Mailbox, Properties, WaitStrategy};
-use isolate_cluster_benches::{core_pair, pin, Config};
+use isolate_cluster_benches::report::{self, ThroughputRow};
+use isolate_cluster_benches::{core_pair, cpu_model, pin, Config};
+
+#[path = "throughput/transfer.rs"]
+mod transfer;
+use transfer::{Bank, TransferCrossbeam, TransferIsolates, TransferRtrb};
 
 type Cores = [core_affinity::CoreId; 2];
 
@@ -287,10 +299,10 @@ impl<const N: usize> Drop for Isolates<N> {
     }
 }
 
-/// iceoryx2 publish-subscribe of `u64` that never drops: the publisher retries until the
-/// subscriber has room. Ports live on their own threads (they are not `Send`); the bench
-/// thread tells the publisher how many to send and waits for the subscriber's count.
-struct Iceoryx2 {
+/// iceoryx2 publish-subscribe of `[u8; N]` that never drops: the publisher retries until
+/// the subscriber has room. Ports live on their own threads (they are not `Send`); the
+/// bench thread tells the publisher how many to send and waits for the subscriber's count.
+struct Iceoryx2<const N: usize> {
     orders: Option<std::sync::mpsc::Sender<u64>>,
     done: std::sync::mpsc::Receiver<()>,
     progress: Arc<Progress>,
@@ -298,7 +310,7 @@ struct Iceoryx2 {
     threads: Vec<thread::JoinHandle<()>>,
 }
 
-impl Iceoryx2 {
+impl<const N: usize> Iceoryx2<N> {
     fn new(cores: Cores, buffer: usize) -> Self {
         use iceoryx2::prelude::*;
         static RUN: AtomicU64 = AtomicU64::new(0);
@@ -320,7 +332,7 @@ impl Iceoryx2 {
                 .expect("node");
             let service = node
                 .service_builder(&ServiceName::new(&n).expect("name"))
-                .publish_subscribe::<u64>()
+                .publish_subscribe::<[u8; N]>()
                 .max_publishers(1)
                 .max_subscribers(1)
                 .history_size(0)
@@ -356,7 +368,7 @@ impl Iceoryx2 {
                 .expect("node");
             let service = node
                 .service_builder(&ServiceName::new(&name).expect("name"))
-                .publish_subscribe::<u64>()
+                .publish_subscribe::<[u8; N]>()
                 .open()
                 .expect("open service");
             let publ = service
@@ -369,7 +381,7 @@ impl Iceoryx2 {
                 for _ in 0..n {
                     loop {
                         if let Ok(sample) = publ.loan_uninit() {
-                            sample.write_payload(i).send().expect("send");
+                            sample.write_payload([i as u8; N]).send().expect("send");
                             break;
                         }
                         std::hint::spin_loop();
@@ -389,7 +401,7 @@ impl Iceoryx2 {
     }
 }
 
-impl Pipeline for Iceoryx2 {
+impl<const N: usize> Pipeline for Iceoryx2<N> {
     fn run(&mut self, n: u64) -> Duration {
         let t = Instant::now();
         self.orders
@@ -405,7 +417,7 @@ impl Pipeline for Iceoryx2 {
     }
 }
 
-impl Drop for Iceoryx2 {
+impl<const N: usize> Drop for Iceoryx2<N> {
     fn drop(&mut self) {
         self.orders = None;
         self.progress.stop.store(true, Ordering::Relaxed);
@@ -418,17 +430,59 @@ impl Drop for Iceoryx2 {
 /// Memory of a large ring, for every peer.
 const LARGE_RING_BYTES: usize = 1 << 20;
 
-fn sweep<const N: usize>(c: &mut Criterion, cores: Cores) {
+/// Criterion samples per case (its warm-up calls come before them).
+fn sample_size() -> usize {
+    if Config::from_env().quick {
+        10
+    } else {
+        20
+    }
+}
+
+/// What the timed samples of every case moved, in the order the cases ran.
+static ROWS: Mutex<Vec<ThroughputRow>> = Mutex::new(Vec::new());
+
+/// Runs `p` as the criterion benchmark `peer` of `g`, and keeps the messages and the time
+/// of the samples criterion timed (the last `sample_size` calls; the warm-up's came
+/// first) for the summary.
+fn measure(
+    g: &mut BenchmarkGroup<'_, WallTime>,
+    (group, peer): (&str, &str),
+    (bytes, moved): (usize, bool),
+    p: &mut dyn Pipeline,
+) {
+    let mut calls: Vec<(u64, Duration)> = Vec::new();
+    g.bench_function(BenchmarkId::from_parameter(peer), |b| {
+        b.iter_custom(|iters| {
+            let d = p.run(iters);
+            calls.push((iters, d));
+            d
+        })
+    });
+    let timed = &calls[calls.len().saturating_sub(sample_size())..];
+    if timed.is_empty() {
+        return; // filtered out on the command line
+    }
+    ROWS.lock().expect("rows").push(ThroughputRow {
+        group: group.to_owned(),
+        peer: peer.to_owned(),
+        bytes,
+        moved,
+        messages: timed.iter().map(|(n, _)| n).sum(),
+        time: timed.iter().map(|(_, d)| *d).sum(),
+    });
+}
+
+/// Copy sends of `[u8; N]` through every peer, over a large and a tiny ring.
+fn copy_sweep<const N: usize>(c: &mut Criterion, cores: Cores) {
     // A large ring is 1 MiB of ring memory (no contention); a tiny one holds 4 messages.
     let large = (LARGE_RING_BYTES / N).max(8);
     for (ring, messages) in [("large ring, 1 MiB", large), ("tiny ring, 4 messages", 4)] {
-        let mut g = c.benchmark_group(format!("one-way {N} B, {ring}"));
+        let group = format!("one-way {N} B, {ring}");
+        let mut g = c.benchmark_group(&group);
         g.throughput(Throughput::Bytes(N as u64));
-        let mut run = |name: &str, p: &mut dyn Pipeline| {
-            g.bench_function(BenchmarkId::from_parameter(name), |b| {
-                b.iter_custom(|iters| p.run(iters))
-            });
-        };
+        let mut run =
+            |peer: &str, p: &mut dyn Pipeline| measure(&mut g, (&group, peer), (N, false), p);
         run("raw rtrb", &mut RawRtrb::<N>::new(cores, messages));
         run(
             "crossbeam-channel",
@@ -442,11 +496,43 @@ fn sweep<const N: usize>(c: &mut Criterion, cores: Cores) {
             "isolate-cluster batched x64",
             &mut Isolates::<N>::new(cores, messages, 64),
         );
-        if N == 8 {
-            // The publisher's thread is pinned to the producer core, so the bench thread
-            // only hands it the count: iceoryx2's figure includes no extra hop per message.
-            run("iceoryx2", &mut Iceoryx2::new(cores, messages.min(4096)));
-        }
+        // The publisher's thread is pinned to the producer core, so the bench thread only
+        // hands it the count: iceoryx2's figure includes no extra hop per message.
+        run(
+            "iceoryx2",
+            &mut Iceoryx2::<N>::new(cores, messages.min(4096)),
+        );
+        g.finish();
+    }
+}
+
+/// Transfers (ownership moves) of `size`-byte buffers through every peer that can move a
+/// value, over a ring of a few hundred slots and one of 4. Every peer recycles its
+/// buffers through the same return path (an `rtrb` ring back to the producer).
+fn transfer_sweep(c: &mut Criterion, cores: Cores, size: usize, label: &str) {
+    let bank = Bank::new(size);
+    for (ring, slots) in [("large ring, 256 slots", 256), ("tiny ring, 4 slots", 4)] {
+        let group = format!("one-way transfer {label}, {ring}");
+        let mut g = c.benchmark_group(&group);
+        g.throughput(Throughput::Elements(1));
+        let mut run =
+            |peer: &str, p: &mut dyn Pipeline| measure(&mut g, (&group, peer), (size, true), p);
+        run(
+            "raw rtrb, Vec<u8>",
+            &mut TransferRtrb::new(cores, slots, &bank),
+        );
+        run(
+            "crossbeam-channel, Vec<u8>",
+            &mut TransferCrossbeam::new(cores, slots, &bank),
+        );
+        run(
+            "isolate-cluster transfer",
+            &mut TransferIsolates::new(cores, slots, &bank, false),
+        );
+        run(
+            "isolate-cluster transfer, try_recv_batch",
+            &mut TransferIsolates::new(cores, slots, &bank, true),
+        );
         g.finish();
     }
 }
@@ -461,21 +547,24 @@ fn throughput(c: &mut Criterion) {
         "producer pinned to core {}, consumer to core {}",
         cores[1].id, cores[0].id
     );
-    sweep::<8>(c, cores);
-    sweep::<64>(c, cores);
-    sweep::<256>(c, cores);
-    sweep::<4096>(c, cores);
+    copy_sweep::<8>(c, cores);
+    copy_sweep::<64>(c, cores);
+    copy_sweep::<256>(c, cores);
+    copy_sweep::<4096>(c, cores);
+    transfer_sweep(c, cores, 64 << 10, "64 KiB");
+    transfer_sweep(c, cores, 1 << 20, "1 MiB");
+    transfer_sweep(c, cores, 16 << 20, "16 MiB");
 }
 
 fn config() -> Criterion {
-    let c = Criterion::default().configure_from_args();
+    let c = Criterion::default()
+        .sample_size(sample_size())
+        .configure_from_args();
     if Config::from_env().quick {
-        c.sample_size(10)
-            .warm_up_time(Duration::from_millis(100))
+        c.warm_up_time(Duration::from_millis(100))
             .measurement_time(Duration::from_millis(300))
     } else {
-        c.sample_size(20)
-            .warm_up_time(Duration::from_millis(500))
+        c.warm_up_time(Duration::from_millis(500))
             .measurement_time(Duration::from_secs(2))
     }
 }
@@ -485,4 +574,43 @@ criterion_group! {
     config = config();
     targets = throughput
 }
-criterion_main!(benches);
+
+/// Criterion's runs, then the summary: messages/s and bytes/s of every case, printed and
+/// written to a report folder.
+fn main() {
+    let started = Instant::now();
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+    let rows = std::mem::take(&mut *ROWS.lock().expect("rows"));
+    if rows.is_empty() {
+        return;
+    }
+    let cfg = Config::from_env();
+    let cores = core_pair().map_or_else(String::new, |c| {
+        format!(
+            "; producer pinned to core {}, consumer to core {}",
+            c[1].id, c[0].id
+        )
+    });
+    let mut md = String::from("# isolate-cluster throughput report\n\n");
+    let _ = writeln!(
+        md,
+        "Machine: {}{cores}. Mode: {}, criterion with {} samples per case. One-way messages/s: the messages of the samples criterion timed over their time (its warm-up left out); bytes/s: that times the payload (for transfers, the bytes whose ownership moved; nothing is copied). Ratios compare cases of this same run.\n",
+        cpu_model(),
+        if cfg.quick { "quick" } else { "full" },
+        sample_size(),
+    );
+    md.push_str(&report::throughput_table(&rows));
+    println!("\n{md}");
+    match report::new_named_dir("throughput") {
+        Ok(dir) => {
+            let path = dir.join("REPORT.md");
+            match std::fs::write(&path, &md) {
+                Ok(()) => println!("report: {}", path.display()),
+                Err(e) => println!("could not write {}: {e}", path.display()),
+            }
+        }
+        Err(e) => println!("could not create the report folder: {e}"),
+    }
+    println!("took {:.1?}", started.elapsed());
+}

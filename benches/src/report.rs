@@ -42,19 +42,34 @@ fn slug(name: &str) -> String {
 
 /// Creates `target/bench-report/<unix seconds>/` (or `$IC_BENCH_REPORT_DIR`).
 pub fn new_dir() -> std::io::Result<PathBuf> {
-    let base = std::env::var_os("IC_BENCH_REPORT_DIR")
+    let dir = std::env::var_os("IC_BENCH_REPORT_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-            let secs = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
-            root.join("target")
-                .join("bench-report")
-                .join(secs.to_string())
-        });
-    std::fs::create_dir_all(&base)?;
-    Ok(base)
+        .unwrap_or_else(|| reports_root().join(unix_secs().to_string()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// Creates `target/bench-report/<prefix>-<unix seconds>/` (or the same folder under
+/// `$IC_BENCH_REPORT_DIR`).
+pub fn new_named_dir(prefix: &str) -> std::io::Result<PathBuf> {
+    let base = std::env::var_os("IC_BENCH_REPORT_DIR").map_or_else(reports_root, PathBuf::from);
+    let dir = base.join(format!("{prefix}-{}", unix_secs()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// `target/bench-report` of the workspace.
+fn reports_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("target")
+        .join("bench-report")
+}
+
+fn unix_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// Writes the percentile distribution in HdrHistogram's `.hgrm` text format (values in µs).
@@ -260,4 +275,67 @@ pub fn write_files(dir: &Path, cases: &[Case], groups: &[Group]) -> Result<(), S
         )?;
     }
     Ok(())
+}
+
+/// One measured throughput case: messages moved one way in the samples criterion timed
+/// (its warm-up left out).
+pub struct ThroughputRow {
+    /// The criterion group: payload and ring.
+    pub group: String,
+    /// The peer (criterion's benchmark id within the group).
+    pub peer: String,
+    /// Payload bytes per message (copied, or moved by a transfer).
+    pub bytes: usize,
+    /// Whether the payload is moved (a transfer) rather than copied.
+    pub moved: bool,
+    /// Messages in the timed samples.
+    pub messages: u64,
+    /// Time of the timed samples.
+    pub time: std::time::Duration,
+}
+
+impl ThroughputRow {
+    /// One-way messages per second.
+    pub fn rate(&self) -> f64 {
+        self.messages as f64 / self.time.as_secs_f64().max(1e-12)
+    }
+}
+
+/// Formats a rate with a decimal prefix: `164.2 M`.
+pub fn si(v: f64) -> String {
+    let (scale, prefix) = [(1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")]
+        .into_iter()
+        .find(|(scale, _)| v >= *scale)
+        .unwrap_or((1.0, ""));
+    format!("{:.1} {prefix}", v / scale)
+}
+
+/// The markdown table of the throughput cases: messages/s, bytes/s and the ratio to the
+/// group's raw `rtrb` row, one row per case, in the order they ran.
+pub fn throughput_table(rows: &[ThroughputRow]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "| payload and ring | peer | messages/s | bytes/s | / raw rtrb (same group) |"
+    );
+    let _ = writeln!(s, "|---|---|---:|---:|---:|");
+    for r in rows {
+        let rtrb = rows
+            .iter()
+            .find(|b| b.group == r.group && b.peer.starts_with("raw rtrb"));
+        let ratio = rtrb.map_or_else(
+            || "—".to_owned(),
+            |b| format!("{:.2}×", r.rate() / b.rate()),
+        );
+        let _ = writeln!(
+            s,
+            "| {} | {} | {}msg/s | {}B/s{} | {ratio} |",
+            r.group,
+            r.peer,
+            si(r.rate()),
+            si(r.rate() * r.bytes as f64),
+            if r.moved { " (moved)" } else { "" }
+        );
+    }
+    s
 }
