@@ -53,6 +53,47 @@ impl Progress {
     }
 }
 
+/// The receive loop of a sink isolate: hands every message to `handle` (a run of them per
+/// call with `batch`) and publishes the count to `p` (every 64 messages, and whenever the
+/// inbox is empty) until the node shuts down.
+fn sink_loop(
+    ctx: &isolate_cluster::Context,
+    p: &Progress,
+    batch: bool,
+    mut handle: impl FnMut(&mut isolate_cluster::Message<'_>),
+) {
+    let mut count = 0u64;
+    loop {
+        if batch {
+            let n = ctx.try_recv_batch(256, |m| handle(m));
+            if n > 0 {
+                count += n as u64;
+                p.count.store(count, Ordering::Release);
+                continue;
+            }
+        }
+        match ctx.try_recv() {
+            Some(Event::Message(mut m)) => {
+                handle(&mut m);
+                count += 1;
+                if count % 64 == 0 {
+                    p.count.store(count, Ordering::Release);
+                }
+            }
+            Some(Event::ShutdownRequested) => break,
+            Some(_) => {}
+            None => {
+                p.count.store(count, Ordering::Release);
+                if ctx.is_finished() {
+                    break;
+                }
+                std::hint::spin_loop();
+            }
+        }
+    }
+    while ctx.recv().is_some() {}
+}
+
 /// A producer → consumer pipeline of `[u8; N]` messages.
 trait Pipeline {
     /// Sends `n` messages and returns the time until the consumer has them all.
@@ -218,38 +259,9 @@ impl<const N: usize> Isolates<N> {
                     }
                     std::hint::black_box(x);
                 };
-                let mut count = 0u64;
-                loop {
-                    // With batching, the receive side batches too: a whole run of
-                    // messages per call and per ring index update.
-                    if batch > 1 {
-                        let n = ctx.try_recv_batch(256, |m| touch(m));
-                        if n > 0 {
-                            count += n as u64;
-                            p.count.store(count, Ordering::Release);
-                            continue;
-                        }
-                    }
-                    match ctx.try_recv() {
-                        Some(Event::Message(m)) => {
-                            touch(&m);
-                            count += 1;
-                            if count % 64 == 0 {
-                                p.count.store(count, Ordering::Release);
-                            }
-                        }
-                        Some(Event::ShutdownRequested) => break,
-                        Some(_) => {}
-                        None => {
-                            p.count.store(count, Ordering::Release);
-                            if ctx.is_finished() {
-                                break;
-                            }
-                            std::hint::spin_loop();
-                        }
-                    }
-                }
-                while ctx.recv().is_some() {}
+                // With batching, the receive side batches too: a whole run of messages
+                // per call and per ring index update.
+                sink_loop(ctx, &p, batch > 1, |m| touch(m));
             })
             .expect("spawn sink");
         let mailbox = cluster.mailbox().expect("mailbox");

@@ -9,10 +9,10 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use isolate_cluster::{Cluster, CorePolicy, Event, Mailbox, Properties, WaitStrategy};
+use isolate_cluster::{Cluster, CorePolicy, Mailbox, Properties, WaitStrategy};
 use isolate_cluster_benches::pin;
 
-use super::{Cores, Pipeline, Progress};
+use super::{sink_loop, Cores, Pipeline, Progress};
 
 /// A buffer the transfer pipelines move: what `transfer` takes (the peers move the
 /// `Vec<u8>` inside it).
@@ -256,42 +256,11 @@ impl TransferIsolates {
         let p = progress.clone();
         let sink = cluster
             .spawn("/sink", Properties::new(), move |ctx| {
-                let mut count = 0u64;
-                loop {
-                    if batch {
-                        let n = ctx.try_recv_batch(256, |m| {
-                            let b = m.take::<Vec<u8>>().expect("a buffer");
-                            std::hint::black_box(b[0]);
-                            give_back(&mut returns, b);
-                        });
-                        if n > 0 {
-                            count += n as u64;
-                            p.count.store(count, Ordering::Release);
-                            continue;
-                        }
-                    }
-                    match ctx.try_recv() {
-                        Some(Event::Message(mut m)) => {
-                            let b = m.take::<Vec<u8>>().expect("a buffer");
-                            std::hint::black_box(b[0]);
-                            give_back(&mut returns, b);
-                            count += 1;
-                            if count % 64 == 0 {
-                                p.count.store(count, Ordering::Release);
-                            }
-                        }
-                        Some(Event::ShutdownRequested) => break,
-                        Some(_) => {}
-                        None => {
-                            p.count.store(count, Ordering::Release);
-                            if ctx.is_finished() {
-                                break;
-                            }
-                            std::hint::spin_loop();
-                        }
-                    }
-                }
-                while ctx.recv().is_some() {}
+                sink_loop(ctx, &p, batch, |m| {
+                    let b = m.take::<Vec<u8>>().expect("a buffer");
+                    std::hint::black_box(b[0]);
+                    give_back(&mut returns, b);
+                });
             })
             .expect("spawn sink");
         let mailbox = cluster.mailbox().expect("mailbox");
