@@ -289,7 +289,10 @@ fn a_request_id_is_only_good_on_the_endpoint_that_sent_it() {
         std::thread::scope(|s| {
             s.spawn(|| {
                 let theirs = cluster.mailbox().unwrap();
-                // Another endpoint's id: not waiting here, and cancelling it does nothing.
+                // Its own first request has the same number as ours.
+                let mine = theirs.request(&d, &7u64).unwrap();
+                // Another endpoint's id: not waiting here (it does not take this
+                // endpoint's reply to the same number), and cancelling it does nothing.
                 assert_eq!(
                     theirs
                         .wait_reply(id, Duration::from_millis(50))
@@ -297,6 +300,8 @@ fn a_request_id_is_only_good_on_the_endpoint_that_sent_it() {
                     CallError::UnknownRequest
                 );
                 theirs.cancel(id);
+                let reply = theirs.wait_reply(mine, T).unwrap();
+                assert_eq!(reply.get::<u64>().unwrap().to_native(), 14);
             });
         });
         let reply = mailbox.wait_reply(id, T).unwrap();
