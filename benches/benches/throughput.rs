@@ -53,6 +53,58 @@ impl Progress {
     }
 }
 
+/// The consumer thread of a raw `rtrb` pipeline, pinned to `core`: pops every value into
+/// `handle` and publishes the count to `p` (every 64 values, and whenever the ring is
+/// empty) until told to stop.
+fn rtrb_consumer<T: Send + 'static>(
+    core: core_affinity::CoreId,
+    mut rx: rtrb::Consumer<T>,
+    p: Arc<Progress>,
+    mut handle: impl FnMut(T) + Send + 'static,
+) -> thread::JoinHandle<()> {
+    thread::spawn(move || {
+        pin(core);
+        let mut count = 0u64;
+        while !p.stop.load(Ordering::Relaxed) {
+            match rx.pop() {
+                Ok(v) => {
+                    handle(v);
+                    count += 1;
+                    if count % 64 == 0 {
+                        p.count.store(count, Ordering::Release);
+                    }
+                }
+                Err(_) => {
+                    p.count.store(count, Ordering::Release);
+                    std::hint::spin_loop();
+                }
+            }
+        }
+    })
+}
+
+/// The consumer thread of a `crossbeam-channel` pipeline, pinned to `core`: receives every
+/// value into `handle` and publishes the count to `p` (every 64 values, and whenever the
+/// channel is empty) until the sender is dropped.
+fn channel_consumer<T: Send + 'static>(
+    core: core_affinity::CoreId,
+    rx: crossbeam_channel::Receiver<T>,
+    p: Arc<Progress>,
+    mut handle: impl FnMut(T) + Send + 'static,
+) -> thread::JoinHandle<()> {
+    thread::spawn(move || {
+        pin(core);
+        let mut count = 0u64;
+        while let Ok(v) = rx.recv() {
+            handle(v);
+            count += 1;
+            if count % 64 == 0 || rx.is_empty() {
+                p.count.store(count, Ordering::Release);
+            }
+        }
+    })
+}
+
 /// The receive loop of a sink isolate: hands every message to `handle` (a run of them per
 /// call with `batch`) and publishes the count to `p` (every 64 messages, and whenever the
 /// inbox is empty) until the node shuts down.
@@ -109,28 +161,10 @@ struct RawRtrb<const N: usize> {
 
 impl<const N: usize> RawRtrb<N> {
     fn new(cores: Cores, messages: usize) -> Self {
-        let (tx, mut rx) = rtrb::RingBuffer::<[u8; N]>::new(messages);
+        let (tx, rx) = rtrb::RingBuffer::<[u8; N]>::new(messages);
         let progress = Progress::new();
-        let p = progress.clone();
-        let c0 = cores[0];
-        let consumer = thread::spawn(move || {
-            pin(c0);
-            let mut count = 0u64;
-            while !p.stop.load(Ordering::Relaxed) {
-                match rx.pop() {
-                    Ok(v) => {
-                        std::hint::black_box(v);
-                        count += 1;
-                        if count % 64 == 0 {
-                            p.count.store(count, Ordering::Release);
-                        }
-                    }
-                    Err(_) => {
-                        p.count.store(count, Ordering::Release);
-                        std::hint::spin_loop();
-                    }
-                }
-            }
+        let consumer = rtrb_consumer(cores[0], rx, progress.clone(), |v| {
+            std::hint::black_box(v);
         });
         Self {
             tx,
@@ -176,18 +210,8 @@ impl<const N: usize> Crossbeam<N> {
     fn new(cores: Cores, messages: usize) -> Self {
         let (tx, rx) = crossbeam_channel::bounded::<[u8; N]>(messages);
         let progress = Progress::new();
-        let p = progress.clone();
-        let c0 = cores[0];
-        let consumer = thread::spawn(move || {
-            pin(c0);
-            let mut count = 0u64;
-            while let Ok(v) = rx.recv() {
-                std::hint::black_box(v);
-                count += 1;
-                if count % 64 == 0 || rx.is_empty() {
-                    p.count.store(count, Ordering::Release);
-                }
-            }
+        let consumer = channel_consumer(cores[0], rx, progress.clone(), |v| {
+            std::hint::black_box(v);
         });
         Self {
             tx: Some(tx),

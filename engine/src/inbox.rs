@@ -620,10 +620,7 @@ impl Inbox {
         timeout: Duration,
     ) -> Result<Message<'_>, CallError> {
         let deadline = crate::deadline_after(timeout);
-        let sent = self
-            .ep
-            .request(target, request, false, Mode::Until(deadline));
-        self.await_call(target, sent, deadline)
+        Ok(self.message(call_copy(&self.ep, target, request, deadline)?))
     }
 
     /// [`call`](Self::call) with raw bytes and an application tag (as
@@ -639,23 +636,7 @@ impl Inbox {
         let sent = self
             .ep
             .request_bytes(target, tag, bytes, false, Mode::Until(deadline));
-        self.await_call(target, sent, deadline)
-    }
-
-    /// The second half of a call: its reply, or why there is none. A target known to be
-    /// down when the request could not be sent is `TargetDown` with its reason, as a call
-    /// that was already waiting would report. A request still not in the target's ring
-    /// at the deadline (the target stopped reading) is a `Timeout` like a late reply.
-    fn await_call(
-        &self,
-        target: &IsolateRef,
-        sent: Result<u64, SendError>,
-        deadline: Instant,
-    ) -> Result<Message<'_>, CallError> {
-        match sent {
-            Ok(id) => Ok(self.message(self.ep.wait_reply_for(id, target, deadline)?)),
-            Err(e) => Err(request_error(target, e)),
-        }
+        Ok(self.message(await_reply(&self.ep, target, sent, deadline)?))
     }
 
     /// Sends `request` to `target` without waiting: many requests can be outstanding at
@@ -783,9 +764,39 @@ impl Inbox {
     }
 }
 
+/// A call of `target` from `ep` with a copy of `request`, sending and waiting until
+/// `deadline`: what [`Inbox::call`] and [`IsolateRef::call`] share.
+#[inline]
+pub(crate) fn call_copy<T: Payload>(
+    ep: &LocalEndpoint,
+    target: &IsolateRef,
+    request: &T,
+    deadline: Instant,
+) -> Result<Reply, CallError> {
+    let sent = ep.request(target, request, false, Mode::Until(deadline));
+    await_reply(ep, target, sent, deadline)
+}
+
+/// The second half of a call: its reply, or why there is none. A target known to be
+/// down when the request could not be sent is `TargetDown` with its reason, as a call
+/// that was already waiting would report. A request still not in the target's ring at
+/// the deadline (the target stopped reading) is a `Timeout` like a late reply.
+#[inline]
+fn await_reply(
+    ep: &LocalEndpoint,
+    target: &IsolateRef,
+    sent: Result<u64, SendError>,
+    deadline: Instant,
+) -> Result<Reply, CallError> {
+    match sent {
+        Ok(id) => ep.wait_reply_for(id, target, deadline),
+        Err(e) => Err(request_error(target, e)),
+    }
+}
+
 /// Why a request could not be sent, as a call reports it: a target known to be down is
 /// `TargetDown` with its reason; a ring still full at the call's deadline is `Timeout`.
-pub(crate) fn request_error(target: &IsolateRef, e: SendError) -> CallError {
+fn request_error(target: &IsolateRef, e: SendError) -> CallError {
     match e {
         SendError::Disconnected(()) => match target.wait_down(Duration::ZERO) {
             Some(why) => CallError::TargetDown(Some(why)),

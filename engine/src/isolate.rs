@@ -309,14 +309,20 @@ impl IsolateRef {
         f: impl FnOnce(&LocalEndpoint) -> Result<(), SendError<R>>,
         v: R,
     ) -> Result<(), SendError<R>> {
-        let ep = local_endpoint(self.0.cluster_id, || {
-            let c = self.0.cluster.upgrade()?;
-            Some(c.thread_endpoint())
-        });
-        match ep {
+        match self.local() {
             Some(ep) => f(&ep),
             None => Err(SendError::Disconnected(v)),
         }
+    }
+
+    /// The calling thread's endpoint in this reference's cluster (made on first use);
+    /// `None` once the cluster is gone.
+    #[inline]
+    fn local(&self) -> Option<std::rc::Rc<LocalEndpoint>> {
+        local_endpoint(self.0.cluster_id, || {
+            let c = self.0.cluster.upgrade()?;
+            Some(c.thread_endpoint())
+        })
     }
 
     /// Sends `request` to this isolate and waits up to `timeout` for the reply, from any
@@ -354,15 +360,10 @@ impl IsolateRef {
         read: impl FnOnce(crate::Message<'_>) -> R,
     ) -> Result<R, CallError> {
         let deadline = crate::deadline_after(timeout);
-        let ep = local_endpoint(self.0.cluster_id, || {
-            let c = self.0.cluster.upgrade()?;
-            Some(c.thread_endpoint())
-        })
-        .ok_or(CallError::Send(SendError::Disconnected(())))?;
-        let id = ep
-            .request(self, request, false, Mode::Until(deadline))
-            .map_err(|e| crate::inbox::request_error(self, e))?;
-        let reply = ep.wait_reply_for(id, self, deadline)?;
+        let ep = self
+            .local()
+            .ok_or(CallError::Send(SendError::Disconnected(())))?;
+        let reply = crate::inbox::call_copy(&ep, self, request, deadline)?;
         Ok(read(crate::Message::of_reply(&ep, reply)))
     }
 

@@ -10,9 +10,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use isolate_cluster::{Cluster, CorePolicy, Mailbox, Properties, WaitStrategy};
-use isolate_cluster_benches::pin;
 
-use super::{sink_loop, Cores, Pipeline, Progress};
+use super::{channel_consumer, rtrb_consumer, sink_loop, Cores, Pipeline, Progress};
 
 /// A buffer the transfer pipelines move: what `transfer` takes (the peers move the
 /// `Vec<u8>` inside it).
@@ -100,30 +99,12 @@ pub(crate) struct TransferRtrb {
 
 impl TransferRtrb {
     pub(crate) fn new(cores: Cores, slots: usize, bank: &Rc<Bank>) -> Self {
-        let (tx, mut rx) = rtrb::RingBuffer::<Vec<u8>>::new(slots);
+        let (tx, rx) = rtrb::RingBuffer::<Vec<u8>>::new(slots);
         let (mut returns, back) = bank.lend(slots, |b| *b);
         let progress = Progress::new();
-        let p = progress.clone();
-        let c0 = cores[0];
-        let consumer = thread::spawn(move || {
-            pin(c0);
-            let mut count = 0u64;
-            while !p.stop.load(Ordering::Relaxed) {
-                match rx.pop() {
-                    Ok(v) => {
-                        std::hint::black_box(v[0]);
-                        give_back(&mut returns, v);
-                        count += 1;
-                        if count % 64 == 0 {
-                            p.count.store(count, Ordering::Release);
-                        }
-                    }
-                    Err(_) => {
-                        p.count.store(count, Ordering::Release);
-                        std::hint::spin_loop();
-                    }
-                }
-            }
+        let consumer = rtrb_consumer(cores[0], rx, progress.clone(), move |v: Vec<u8>| {
+            std::hint::black_box(v[0]);
+            give_back(&mut returns, v);
         });
         Self {
             tx,
@@ -178,19 +159,9 @@ impl TransferCrossbeam {
         let (tx, rx) = crossbeam_channel::bounded::<Vec<u8>>(slots);
         let (mut returns, back) = bank.lend(slots, |b| *b);
         let progress = Progress::new();
-        let p = progress.clone();
-        let c0 = cores[0];
-        let consumer = thread::spawn(move || {
-            pin(c0);
-            let mut count = 0u64;
-            while let Ok(v) = rx.recv() {
-                std::hint::black_box(v[0]);
-                give_back(&mut returns, v);
-                count += 1;
-                if count % 64 == 0 || rx.is_empty() {
-                    p.count.store(count, Ordering::Release);
-                }
-            }
+        let consumer = channel_consumer(cores[0], rx, progress.clone(), move |v: Vec<u8>| {
+            std::hint::black_box(v[0]);
+            give_back(&mut returns, v);
         });
         Self {
             tx: Some(tx),
