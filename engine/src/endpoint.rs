@@ -776,10 +776,11 @@ pub(crate) enum Mode {
     Try,
     /// Wait (see [`LocalEndpoint::send`]).
     Block,
-    /// Wait as `Block` does, but no later than this: then return `Full` (a call's
-    /// request, which must not outlive the call's timeout behind a target that stopped
-    /// reading).
-    Until(Instant),
+    /// Wait as `Block` does, but for at most this long from the first refusal: then
+    /// return `Full` (a call's request, which must not outlive the call's timeout behind
+    /// a target that stopped reading). When it waits, the instant it began is kept for
+    /// [`LocalEndpoint::call_started`].
+    Within(Duration),
     /// Never wait: a full ring spills the frame to the heap, where it keeps its place in
     /// the link's FIFO order (for senders whose timing matters more than memory, such as
     /// the task scheduler publishing results).
@@ -805,6 +806,8 @@ pub(crate) struct LocalEndpoint {
     /// Frames whose transferred values are dropped once no borrow is held.
     deferred: RefCell<Vec<OwnedFrame>>,
     has_deferred: StdCell<bool>,
+    /// When a `Mode::Within` send began waiting for room (see `call_started`).
+    waited_since: StdCell<Option<Instant>>,
     torn_down: StdCell<bool>,
 }
 
@@ -845,6 +848,7 @@ impl LocalEndpoint {
             inbox_open: StdCell::new(false),
             deferred: RefCell::new(Vec::new()),
             has_deferred: StdCell::new(false),
+            waited_since: StdCell::new(None),
             torn_down: StdCell::new(false),
         }
     }
@@ -1143,15 +1147,21 @@ impl LocalEndpoint {
             match mode {
                 Mode::Try => return Err(SendError::Full(())),
                 Mode::Spill => return self.spill(&mut out.links[i], header, src),
-                Mode::Block | Mode::Until(_) => {}
+                Mode::Block | Mode::Within(_) => {}
             }
-            let start = *waited.get_or_insert_with(Instant::now);
+            let start = *waited.get_or_insert_with(|| {
+                let now = Instant::now();
+                if let Mode::Within(_) = mode {
+                    self.waited_since.set(Some(now));
+                }
+                now
+            });
             if link.target.wake.is_closed() {
                 self.remove_link(out, i);
                 return Err(SendError::Disconnected(()));
             }
-            if let Mode::Until(deadline) = mode {
-                if Instant::now() >= deadline {
+            if let Mode::Within(limit) = mode {
+                if start.elapsed() >= limit {
                     return Err(SendError::Full(()));
                 }
             }
@@ -1521,7 +1531,7 @@ impl LocalEndpoint {
     /// that knows only the id; a caller that waits with [`wait_reply_for`](Self::wait_reply_for)
     /// passes `false` and saves two reference-count updates per request.
     ///
-    /// `mode` is `Block`, or `Until` the call's deadline for a call.
+    /// `mode` is `Block`, or `Within` the call's timeout for a call.
     pub(crate) fn request<T: Payload>(
         &self,
         target: &IsolateRef,
@@ -1584,6 +1594,14 @@ impl LocalEndpoint {
             flags: FLAG_CALL,
         };
         (id, route)
+    }
+
+    /// When the call whose request was just sent with `Mode::Within` began: when that send
+    /// began waiting for room, or now if it did not wait (it then took no time). Read
+    /// after the send, so a call reads the clock while its request travels, not before.
+    #[inline]
+    pub(crate) fn call_started(&self) -> Instant {
+        self.waited_since.take().unwrap_or_else(Instant::now)
     }
 
     /// Forgets request `id`: a reply that still comes is dropped and counted as late.

@@ -619,8 +619,7 @@ impl Inbox {
         request: &T,
         timeout: Duration,
     ) -> Result<Message<'_>, CallError> {
-        let deadline = crate::deadline_after(timeout);
-        Ok(self.message(call_copy(&self.ep, target, request, deadline)?))
+        Ok(self.message(call_copy(&self.ep, target, request, timeout)?))
     }
 
     /// [`call`](Self::call) with raw bytes and an application tag (as
@@ -632,10 +631,10 @@ impl Inbox {
         bytes: &[u8],
         timeout: Duration,
     ) -> Result<Message<'_>, CallError> {
-        let deadline = crate::deadline_after(timeout);
         let sent = self
             .ep
-            .request_bytes(target, tag, bytes, false, Mode::Until(deadline));
+            .request_bytes(target, tag, bytes, false, Mode::Within(timeout));
+        let deadline = crate::deadline_from(self.ep.call_started(), timeout);
         Ok(self.message(await_reply(&self.ep, target, sent, deadline)?))
     }
 
@@ -667,18 +666,21 @@ impl Inbox {
         Ok(self.message(self.ep.wait_reply(id.id, deadline)?))
     }
 
-    /// Sends `request` as [`request`](Self::request) does, but waits for room in a full
-    /// ring only until `deadline` (then [`CallError::Timeout`]): the first half of a
-    /// call made in two steps (the worker pool, the task scheduler).
-    pub(crate) fn request_transfer_until<T: Send + 'static>(
+    /// Moves `request` to `target` as a request, waiting for room in a full ring for at
+    /// most `timeout` (then [`CallError::Timeout`]): the first half of a call made in two
+    /// steps (the worker pool, the task scheduler). Returns its id and the call's
+    /// deadline, `timeout` after the call began.
+    pub(crate) fn request_transfer_within<T: Send + 'static>(
         &self,
         target: &IsolateRef,
         value: Box<T>,
-        deadline: Instant,
-    ) -> Result<RequestId, CallError> {
-        self.ep
-            .request_transfer(target, value, Mode::Until(deadline))
-            .map(|id| RequestId::new(&self.ep, id))
+        timeout: Duration,
+    ) -> Result<(RequestId, Instant), CallError> {
+        let sent = self
+            .ep
+            .request_transfer(target, value, Mode::Within(timeout));
+        let deadline = crate::deadline_from(self.ep.call_started(), timeout);
+        sent.map(|id| (RequestId::new(&self.ep, id), deadline))
             .map_err(|e| request_error(target, e.without_value()))
     }
 
@@ -764,16 +766,17 @@ impl Inbox {
     }
 }
 
-/// A call of `target` from `ep` with a copy of `request`, sending and waiting until
-/// `deadline`: what [`Inbox::call`] and [`IsolateRef::call`] share.
+/// A call of `target` from `ep` with a copy of `request`, sending and waiting for at
+/// most `timeout` in all: what [`Inbox::call`] and [`IsolateRef::call`] share.
 #[inline]
 pub(crate) fn call_copy<T: Payload>(
     ep: &LocalEndpoint,
     target: &IsolateRef,
     request: &T,
-    deadline: Instant,
+    timeout: Duration,
 ) -> Result<Reply, CallError> {
-    let sent = ep.request(target, request, false, Mode::Until(deadline));
+    let sent = ep.request(target, request, false, Mode::Within(timeout));
+    let deadline = crate::deadline_from(ep.call_started(), timeout);
     await_reply(ep, target, sent, deadline)
 }
 

@@ -359,11 +359,10 @@ impl IsolateRef {
         timeout: Duration,
         read: impl FnOnce(crate::Message<'_>) -> R,
     ) -> Result<R, CallError> {
-        let deadline = crate::deadline_after(timeout);
         let ep = self
             .local()
             .ok_or(CallError::Send(SendError::Disconnected(())))?;
-        let reply = crate::inbox::call_copy(&ep, self, request, deadline)?;
+        let reply = crate::inbox::call_copy(&ep, self, request, timeout)?;
         Ok(read(crate::Message::of_reply(&ep, reply)))
     }
 

@@ -108,9 +108,17 @@ pub use rkyv;
 /// The instant `timeout` from now. A timeout too long to represent (`Duration::MAX`, for
 /// a wait without end) gives an instant a century away instead of overflowing.
 pub(crate) fn deadline_after(timeout: std::time::Duration) -> std::time::Instant {
-    let now = std::time::Instant::now();
-    now.checked_add(timeout)
-        .unwrap_or_else(|| now + std::time::Duration::from_secs(100 * 365 * 24 * 3600))
+    deadline_from(std::time::Instant::now(), timeout)
+}
+
+/// The instant `timeout` after `start`, as [`deadline_after`].
+pub(crate) fn deadline_from(
+    start: std::time::Instant,
+    timeout: std::time::Duration,
+) -> std::time::Instant {
+    start
+        .checked_add(timeout)
+        .unwrap_or_else(|| start + std::time::Duration::from_secs(100 * 365 * 24 * 3600))
 }
 
 /// The serialiser a copy send runs: rkyv's high-level serialiser writing into ring cells.

@@ -1098,8 +1098,8 @@ impl TaskClient {
     pub fn add(&self, inbox: &Inbox, spec: TaskSpec, timeout: Duration) -> Result<Task, TaskError> {
         validate(&spec)?;
         let name = spec.name.clone();
-        let deadline = crate::deadline_after(timeout);
-        let id = inbox.request_transfer_until(&self.scheduler, Box::new(spec), deadline)?;
+        let (id, deadline) =
+            inbox.request_transfer_within(&self.scheduler, Box::new(spec), timeout)?;
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         let msg = inbox.wait_reply(id, left)?;
         let reply = msg

@@ -88,10 +88,10 @@ impl WorkerPool {
         F: FnOnce() -> T + Send + 'static,
         T: Send + 'static,
     {
-        let deadline = crate::deadline_after(timeout);
         let k = self.next.fetch_add(1, Ordering::Relaxed) % self.workers.len();
         let job: Job = Box::new(move || Box::new(f()) as Box<dyn Any + Send>);
-        let id = inbox.request_transfer_until(&self.workers[k], Box::new(job), deadline)?;
+        let (id, deadline) =
+            inbox.request_transfer_within(&self.workers[k], Box::new(job), timeout)?;
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         let mut reply = inbox.wait_reply(id, left)?;
         let any = reply
