@@ -274,3 +274,31 @@ fn a_pool_job_past_its_timeout_is_dropped_and_counted_when_it_ends() {
         cluster.join(T).unwrap();
     });
 }
+
+#[test]
+fn a_pool_that_cannot_spawn_every_worker_stops_those_it_started() {
+    with_timeout(Duration::from_secs(60), || {
+        let cluster = Cluster::single_node();
+        // `/pool/1` is taken: the pool starts `/pool/0`, then fails on `/pool/1`.
+        let squatter = cluster
+            .spawn("/pool/1", isolate_cluster::Properties::new(), |ctx| {
+                while ctx.recv().is_some() {}
+            })
+            .unwrap();
+        let mailbox = cluster.mailbox().unwrap();
+        mailbox.watch_isolates(|r| r.path() == "/pool/0");
+        match cluster.worker_pool("/pool", 3) {
+            Err(isolate_cluster::SpawnError::Duplicate(p)) => assert_eq!(p, "/pool/1"),
+            Err(e) => panic!("expected Duplicate, got {e:?}"),
+            Ok(_) => panic!("expected Duplicate, got a pool"),
+        }
+        let started = match mailbox.recv_timeout(T) {
+            Some(isolate_cluster::Event::IsolateUp(r)) => r,
+            other => panic!("expected /pool/0 up, got {other:?}"),
+        };
+        assert_eq!(started.wait_down(T), Some(DownReason::Normal));
+        assert!(squatter.is_alive(), "only the pool's own workers stop");
+        cluster.shutdown();
+        cluster.join(T).unwrap();
+    });
+}
